@@ -1,0 +1,1 @@
+"""mtpf export."""

@@ -1,0 +1,1 @@
+"""mtpf runtime: serve many NER / classification tasks from one ONNX backbone."""
