@@ -1,0 +1,395 @@
+"""Checkpoint -> bundle: build, check against torch, then swap into place atomically.
+
+Steps: read the checkpoint's tasks -> build the fp32 graph with a LoRA input for every
+slot any task's adapter uses -> quantize (int8) -> write adapters, heads, tokenizer and
+manifest into a staging folder -> run the staged bundle through the real ``Runtime``
+against torch + PEFT on sample text -> replace the old bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from mtpf_runtime.manifest import (
+    MANIFEST, SCHEMA_VERSION, LoraSlotSpec, Manifest, TaskSpec, adapter_model_version, read_manifest,
+    sha256_file,
+)
+from mtpf_training.arch import arch_for, parse_lora_key
+
+from .graph import build_backbone
+from .quantize import quantize_backbone
+
+FP32_PARITY_TOL = 1e-3  # max |logit difference| the fp32 export may show against torch
+
+SAMPLE_TEXTS = [
+    "EU rejects German call to boycott British lamb.",
+    "Peter Blackburn met Angela Merkel in Berlin on Monday.",
+    "Apple is looking at buying U.K. startup for $1 billion.",
+    "The film was a charming and often affecting journey.",
+    "I can't believe how bad the service was at this restaurant in Chicago.",
+    "What is the capital city of Australia?",
+    "Microsoft and Google announced new AI models at a conference in San Francisco.",
+    "The patient was diagnosed with type 2 diabetes and hypertension.",
+    "Manchester United beat Arsenal 2-1 at Old Trafford on Saturday.",
+    "Stocks fell sharply after the Federal Reserve raised interest rates.",
+    "so happy today!!! going to the beach with @john :)",
+    "The new iPhone has a great camera but the battery life is disappointing.",
+    "Barack Obama was born in Honolulu, Hawaii.",
+    "She studied physics at the University of Cambridge before joining NASA.",
+    "",
+    "A very long sentence " + "that keeps going and going " * 40 + "until it ends in Paris.",
+]
+
+
+class ExportError(RuntimeError):
+    """Export refused or failed its own check; the old bundle (if any) is untouched."""
+
+
+@dataclass(frozen=True)
+class CkptTask:
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+    adapter: str | None
+    max_length: int
+    head_weight: np.ndarray
+    head_bias: np.ndarray
+
+
+# ---------------------------------------------------------------- checkpoint reading
+def read_checkpoint_tasks(ckpt: Path, names: list[str] | None = None) -> list[CkptTask]:
+    from safetensors.numpy import load_file
+
+    tdir = ckpt / "tasks"
+    if not (ckpt / "backbone" / "config.json").is_file():
+        raise ExportError(f"{ckpt}: not a checkpoint (no backbone/config.json); train one with mtpf-adapt")
+    available = sorted(p.stem for p in tdir.glob("*.json")) if tdir.is_dir() else []
+    if not available:
+        raise ExportError(f"{ckpt}: the checkpoint has no tasks (tasks/*.json); add one with mtpf-adapt")
+    names = names or available
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+        raise ExportError(f"{ckpt}: tasks {unknown} not in the checkpoint; it has {available}")
+    out = []
+    for n in names:
+        meta = json.loads((tdir / f"{n}.json").read_text())
+        head = load_file(str(ckpt / "heads" / f"{n}.safetensors"))
+        out.append(CkptTask(n, meta["kind"], tuple(meta["labels"]), meta.get("adapter"),
+                            int(meta.get("max_length", 128)),
+                            head["weight"].astype(np.float32), head["bias"].astype(np.float32)))
+    return out
+
+
+def read_lora(ckpt: Path, adapter: str, model_type: str) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    """PEFT adapter -> {(layer, target): (A^T [in, r], (scaling * B)^T [r, out])}."""
+    from safetensors.numpy import load_file
+
+    adir = ckpt / "adapters" / adapter
+    cfg_path, w_path = adir / "adapter_config.json", adir / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise ExportError(f"{adir}: missing adapter_config.json or adapter_model.safetensors")
+    cfg = json.loads(cfg_path.read_text())
+    for key, ok in (("use_dora", False), ("bias", "none")):
+        if cfg.get(key, ok) != ok:
+            raise ExportError(f"{cfg_path}: {key}={cfg[key]!r} cannot be exported; mtpf exports plain LoRA")
+    if cfg.get("alpha_pattern") or cfg.get("modules_to_save"):
+        raise ExportError(f"{cfg_path}: alpha_pattern / modules_to_save are not supported by the exporter")
+    arch = arch_for(model_type)
+    mats: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, val in load_file(str(w_path)).items():
+        parsed = parse_lora_key(arch, key)
+        if parsed is None:
+            raise ExportError(f"{w_path}: tensor {key!r} is not a LoRA A/B matrix mtpf can export")
+        layer, target, which = parsed
+        mats.setdefault((layer, target), {})[which] = val.astype(np.float32)
+    out = {}
+    for slot, ab in mats.items():
+        if set(ab) != {"A", "B"}:
+            raise ExportError(f"{w_path}: slot {slot} lacks its {'B' if 'A' in ab else 'A'} matrix")
+        r = ab["A"].shape[0]
+        alpha = cfg.get("lora_alpha", r)
+        scaling = alpha / np.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        out[slot] = (np.ascontiguousarray(ab["A"].T), np.ascontiguousarray((ab["B"] * scaling).T))
+    return out
+
+
+def write_adapter(path: Path, lora: dict, fingerprint: str) -> None:
+    import onnxruntime as ort
+
+    from mtpf_training.arch import graph_input_name
+
+    # AdapterFormat keeps only the OrtValues: keep the numpy arrays alive until export.
+    arrays = {}
+    for (layer, target), (a, b) in sorted(lora.items()):
+        arrays[graph_input_name(layer, target, "A")] = a
+        arrays[graph_input_name(layer, target, "B")] = b
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(SCHEMA_VERSION)
+    fmt.set_model_version(adapter_model_version(fingerprint))
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    fmt.export_adapter(str(path))
+    del arrays
+
+
+# ---------------------------------------------------------------- bundle writing
+def _producer() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("mtpf", "onnx", "onnxruntime", "torch", "transformers", "peft", "tokenizers"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _tokenizer_info(backbone: Path, dest: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    src = backbone / "tokenizer.json"
+    if not src.is_file():
+        raise ExportError(f"{src}: the checkpoint backbone has no tokenizer.json (a fast tokenizer is required)")
+    tok = Tokenizer.from_file(str(src))
+    tok.no_truncation()
+    tok.no_padding()
+    tok.save(str(dest))
+    ids = {}
+    for key, token in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]")):
+        tid = tok.token_to_id(token)
+        if tid is None:
+            raise ExportError(f"{src}: tokenizer lacks {token}; only BERT-style wordpiece vocabularies are supported")
+        ids[key] = tid
+    return ids
+
+
+def _write_task_files(stage: Path, task: CkptTask, lora: dict | None, fingerprint: str) -> TaskSpec:
+    (stage / "heads").mkdir(exist_ok=True)
+    (stage / "adapters").mkdir(exist_ok=True)
+    head_rel = f"heads/{task.name}.npz"
+    np.savez(stage / head_rel, weight=task.head_weight, bias=task.head_bias)
+    adapter_rel = None
+    if lora:
+        adapter_rel = f"adapters/{task.name}.onnx_adapter"
+        write_adapter(stage / adapter_rel, lora, fingerprint)
+    return TaskSpec(task.name, task.kind, task.labels, task.max_length, head_rel, adapter_rel, fingerprint)
+
+
+def _finish_manifest(stage: Path, m: Manifest) -> Manifest:
+    files = {}
+    for p in sorted(stage.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(stage).as_posix()] = sha256_file(p)
+    m = replace(m, files=files)
+    tmp = stage / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(m.to_dict(), indent=2) + "\n")
+    os.replace(tmp, stage / MANIFEST)
+    return m
+
+
+def _swap_into_place(stage: Path, out: Path) -> None:
+    """Replace ``out`` by ``stage``: a reader sees the old bundle or the new one, never a mix.
+
+    Two renames; if the process dies between them, ``out.old-*`` holds the old bundle and
+    the next export (or ``recover``) restores or replaces it.
+    """
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(out: Path) -> None:
+    """Clean what an interrupted export left beside ``out``; restore the old bundle if needed."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f"{out.name}.old-*"))
+    if not out.exists() and olds:
+        os.replace(olds[-1], out)
+        olds = olds[:-1]
+    for p in olds + sorted(parent.glob(f".{out.name}.staging-*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- checks
+def _torch_logits(ckpt: Path, tasks: list[CkptTask], token_rows: list[list[int]], special: dict) -> dict:
+    """Reference logits from torch + PEFT on the checkpoint, per task."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    out = {}
+    for t in tasks:
+        base = AutoModel.from_pretrained(ckpt / "backbone", attn_implementation="eager")
+        model = PeftModel.from_pretrained(base, ckpt / "adapters" / t.adapter) if t.adapter else base
+        model.eval()
+        rows = []
+        with torch.no_grad():
+            for toks in token_rows:
+                toks = toks[: t.max_length - 2]
+                ids = torch.tensor([[special["cls"], *toks, special["sep"]]])
+                h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0].numpy()
+                if t.kind == "tc":
+                    rows.append(h.mean(axis=0) @ t.head_weight.T + t.head_bias)
+                else:
+                    rows.append(h[1:-1] @ t.head_weight.T + t.head_bias)
+        out[t.name] = rows
+    return out
+
+
+def _runtime_logits(bundle: Path, tasks: list[CkptTask], token_rows: list[list[int]]) -> dict:
+    from mtpf_runtime import Runtime
+
+    rt = Runtime(bundle)
+    out = {}
+    for t in tasks:
+        rows = [r[: t.max_length - 2] for r in token_rows]
+        if t.kind == "tc":
+            out[t.name] = list(rt._run_rows(rows, rt.manifest.tasks[t.name], pooled=True))
+        else:
+            out[t.name] = rt.token_logits(rows, t.name)
+    return out
+
+
+def _sample_rows(tokenizer_json: Path, sample_texts: list[str]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    return [e.ids for e in tok.encode_batch(sample_texts, add_special_tokens=False)]
+
+
+# ---------------------------------------------------------------- entry point
+def export_bundle(
+    ckpt: Path, out: Path, *, precision: str = "int8", scheme: str = "per-channel",
+    tasks: list[str] | None = None, add_to: bool = False, sample_texts: list[str] | None = None,
+    log=print,
+) -> Manifest:
+    """Export ``tasks`` of checkpoint ``ckpt`` to bundle ``out``.
+
+    ``add_to``: add (or replace) these tasks in the existing bundle ``out`` without
+    rebuilding its backbone; the checkpoint's backbone weights must be the ones the
+    bundle was built from.
+    """
+    ckpt, out = Path(ckpt), Path(out)
+    if precision not in ("int8", "fp32"):
+        raise ExportError(f"precision {precision!r}; choose int8 or fp32")
+    recover(out)
+    t0 = time.time()
+    cfg = json.loads((ckpt / "backbone" / "config.json").read_text()) if (ckpt / "backbone" / "config.json").is_file() else None
+    ck_tasks = read_checkpoint_tasks(ckpt, tasks)
+    model_type = cfg["model_type"]
+    source_sha = sha256_file(ckpt / "backbone" / "model.safetensors")
+    loras = {t.name: read_lora(ckpt, t.adapter, model_type) if t.adapter else None for t in ck_tasks}
+    samples = SAMPLE_TEXTS + list(sample_texts or [])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        if add_to:
+            base = read_manifest(out, verify=True)
+            if base.source_sha256 != source_sha:
+                raise ExportError(
+                    f"{out}: its backbone was built from weights {base.source_sha256[:12]}…, the checkpoint's "
+                    f"are {source_sha[:12]}…; export the whole bundle instead of --add")
+            have = {(s.layer, s.target) for s in base.lora_slots}
+            for name, lora in loras.items():
+                extra = sorted(set(lora or {}) - have)
+                if extra:
+                    raise ExportError(f"task {name!r} needs LoRA slots {extra} the bundle's backbone lacks; "
+                                      f"re-export the whole bundle")
+            for rel in base.files:  # hard links: the backbone is not rewritten, only linked
+                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(out / rel, stage / rel)
+                except OSError:
+                    shutil.copy2(out / rel, stage / rel)
+            fingerprint = base.fingerprint
+            specs = dict(base.tasks)
+            for name in loras:  # a replaced task's old files must not linger
+                for rel in (specs.get(name).head, specs.get(name).adapter) if name in specs else ():
+                    if rel:
+                        (stage / rel).unlink(missing_ok=True)
+            m = base
+            fp32_model = None
+        else:
+            slots = sorted({s for lora in loras.values() if lora for s in lora})
+            fp32_model, lora_slots = build_backbone(ckpt / "backbone", slots)
+            special = _tokenizer_info(ckpt / "backbone", stage / "tokenizer.json")
+            if precision == "int8":
+                quant = quantize_backbone(fp32_model, stage / "backbone.onnx", scheme)
+            else:
+                onnx.save(fp32_model, stage / "backbone.onnx")
+                quant = {}
+            fingerprint = sha256_file(stage / "backbone.onnx")
+            specs = {}
+            m = Manifest(SCHEMA_VERSION, "backbone.onnx", fingerprint, precision, model_type,
+                         fp32_model.graph.output[0].type.tensor_type.shape.dim[2].dim_value,
+                         cfg.get("num_hidden_layers", cfg.get("n_layers")),
+                         cfg["max_position_embeddings"], special,
+                         tuple(LoraSlotSpec(s.layer, s.target, s.in_features, s.out_features) for s in lora_slots),
+                         "tokenizer.json", {}, {},
+                         source_sha, quant, _producer())
+        for t in ck_tasks:
+            specs[t.name] = _write_task_files(stage, t, loras[t.name], fingerprint)
+        m = _finish_manifest(stage, replace(m, tasks=specs, files={"backbone.onnx": fingerprint},
+                                            producer=_producer()))
+        log(f"built {precision} bundle with tasks {sorted(specs)} in {time.time() - t0:.1f}s; checking…")
+
+        # ---- self-check: fp32 graph vs torch + PEFT, and INT8 label agreement
+        rows = _sample_rows(stage / "tokenizer.json", samples)
+        ref = _torch_logits(ckpt, ck_tasks, rows, m.special_ids)
+        if precision == "fp32":
+            fp32_out = _runtime_logits(stage, ck_tasks, rows)
+        else:
+            check = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-check-", dir=out.parent))
+            try:
+                if fp32_model is None:
+                    slots = sorted((s.layer, s.target) for s in m.lora_slots)
+                    fp32_model, _ = build_backbone(ckpt / "backbone", slots)
+                onnx.save(fp32_model, check / "backbone.onnx")
+                fp = sha256_file(check / "backbone.onnx")
+                shutil.copy2(stage / "tokenizer.json", check / "tokenizer.json")
+                cspecs = {t.name: _write_task_files(check, t, loras[t.name], fp) for t in ck_tasks}
+                _finish_manifest(check, replace(m, fingerprint=fp, precision="fp32", tasks=cspecs,
+                                                files={"backbone.onnx": fp}, quantization={}))
+                fp32_out = _runtime_logits(check, ck_tasks, rows)
+            finally:
+                shutil.rmtree(check, ignore_errors=True)
+            int8_out = _runtime_logits(stage, ck_tasks, rows)
+        for t in ck_tasks:
+            diff = max(float(np.abs(a - b).max()) if a.size else 0.0 for a, b in zip(fp32_out[t.name], ref[t.name]))
+            checks = {"samples": len(rows), "fp32_max_logit_diff": diff, "tolerance": FP32_PARITY_TOL}
+            if diff > FP32_PARITY_TOL:
+                raise ExportError(f"task {t.name!r}: exported fp32 logits differ from torch by {diff:.2e} "
+                                  f"(> {FP32_PARITY_TOL}); the export is wrong, nothing was written")
+            if precision == "int8":
+                agree = [np.argmax(a, -1) == np.argmax(b, -1) for a, b in zip(int8_out[t.name], ref[t.name])]
+                flat = np.concatenate([np.atleast_1d(x) for x in agree])
+                checks["int8_label_agreement"] = float(flat.mean())
+                checks["int8_max_logit_diff"] = max(float(np.abs(a - b).max()) if a.size else 0.0
+                                                    for a, b in zip(int8_out[t.name], ref[t.name]))
+            specs[t.name] = replace(specs[t.name], checks=checks)
+            log(f"  {t.name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in checks.items()))
+        m = _finish_manifest(stage, replace(m, tasks=specs))
+        read_manifest(stage, verify=True)
+        _swap_into_place(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log(f"wrote {out} ({sum(p.stat().st_size for p in out.rglob('*') if p.is_file()) / 1e6:.1f} MB) "
+        f"in {time.time() - t0:.1f}s")
+    return m

