@@ -297,6 +297,7 @@ def export_bundle(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    stage.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by others
     try:
         if add_to:
             base = read_manifest(out, verify=True)

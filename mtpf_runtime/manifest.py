@@ -41,8 +41,12 @@ def sha256_file(path: Path) -> str:
 
 
 def adapter_model_version(fingerprint: str) -> int:
-    """The backbone fingerprint as the int an ``.onnx_adapter`` can carry (60 bits)."""
-    return int(fingerprint[:15], 16)
+    """The backbone fingerprint as the int an ``.onnx_adapter`` can carry.
+
+    The format holds an int32, so only 28 bits of the sha256 fit: a guard for apps that
+    read the blob with ONNX Runtime alone. The manifest's full fingerprint is the real check.
+    """
+    return int(fingerprint[:7], 16)
 
 
 def _req(d: dict, key: str, typ: type | tuple[type, ...], where: str) -> Any:
