@@ -46,13 +46,14 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def _usable_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase, wanted: int) -> int:
+def _usable_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase, wanted: int,
+                   warn: bool = True) -> int:
     """``wanted`` capped by what the position embeddings and the tokenizer allow."""
     cap = int(getattr(model.config, "max_position_embeddings", wanted))
     tok_cap = int(getattr(tokenizer, "model_max_length", cap))
     if tok_cap < 100_000:  # tokenizers without a limit report a huge sentinel
         cap = min(cap, tok_cap)
-    if wanted > cap:
+    if wanted > cap and warn:
         log.warning("max_length %d exceeds what the model supports; using %d", wanted, cap)
     return min(wanted, cap)
 
@@ -300,7 +301,7 @@ def train_ner(
     torch.manual_seed(seed)  # LoRA A init, head init and dropout draw from this
     base, tokenizer, arch = load_backbone(ckpt)
     max_length = _usable_length(base, tokenizer, max_length)
-    eval_length = _usable_length(base, tokenizer, EVAL_MAX_LENGTH)
+    eval_length = _usable_length(base, tokenizer, EVAL_MAX_LENGTH, warn=False)
     if init_adapter is not None:
         init_dir = _resolve_adapter_dir(ckpt, init_adapter)
         model = load_adapter(base, init_dir, arch, trainable=True)
@@ -357,8 +358,8 @@ def train_ner(
             loss.backward()
             opt.step()
             sched.step()
-            total, count = total + float(loss) * len(batch), count + len(batch)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            total, count = total + loss.item() * len(batch), count + len(batch)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         losses_per_epoch.append(total / count)
         log.info("epoch %d/%d: mean train loss %.4f", epoch + 1, epochs, losses_per_epoch[-1])
     log.info("trained %s in %.1f s", name, time.time() - t0)
