@@ -24,12 +24,11 @@ import numpy as np
 import peft
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from mtpf_training import arch as archmod
 from mtpf_training import checkpoint as ck
@@ -56,44 +55,6 @@ def _usable_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase, wanted:
     if wanted > cap and warn:
         log.warning("max_length %d exceeds what the model supports; using %d", wanted, cap)
     return min(wanted, cap)
-
-
-def load_backbone(ckpt: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, archmod.Arch]:
-    backbone = Path(ckpt) / "backbone"
-    model = AutoModel.from_pretrained(backbone)
-    tokenizer = AutoTokenizer.from_pretrained(backbone)
-    return model, tokenizer, archmod.arch_for(model.config.model_type)
-
-
-def lora_slots(keys: Sequence[str], arch: archmod.Arch) -> set[tuple[int, str]]:
-    """The (layer, target) slots a set of PEFT weight names covers; foreign modules raise."""
-    slots = set()
-    for key in keys:
-        parsed = archmod.parse_lora_key(arch, key)
-        if parsed is not None:
-            slots.add(parsed[:2])
-    return slots
-
-
-def load_adapter(base: nn.Module, folder: Path, arch: archmod.Arch, trainable: bool) -> PeftModel:
-    """Wrap ``base`` with the PEFT adapter in ``folder``, refusing partial or foreign adapters."""
-    file = folder / "adapter_model.safetensors"
-    if not file.is_file():
-        raise ck.CheckpointError(f"{folder} is not a PEFT adapter (no adapter_model.safetensors)")
-    with safe_open(str(file), "pt") as f:
-        saved = set(f.keys())
-    try:
-        lora_slots(sorted(saved), arch)
-    except ValueError as e:
-        raise ck.CheckpointError(f"adapter {folder}: {e}") from None
-    model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
-    have = set(get_peft_model_state_dict(model).keys())
-    if saved != have:
-        raise ck.CheckpointError(
-            f"adapter {folder} does not fit this backbone: weights only in the file "
-            f"{sorted(saved - have)[:3]}, only in the model {sorted(have - saved)[:3]}"
-        )
-    return model
 
 
 def _encoder_out(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -242,34 +203,6 @@ def _subsample(examples: tuple, max_train: int | None, seed: int) -> tuple:
     return tuple(examples[i] for i in keep)
 
 
-def _check_adapter_name_free(ckpt: Path, name: str) -> None:
-    """An NER task owns adapters/<name>: never overwrite an adapter another task relies on."""
-    users = [t for t in ck.list_tasks(ckpt)
-             if json.loads((ckpt / "tasks" / f"{t}.json").read_text()).get("adapter") == name]
-    if (ckpt / "adapters" / name).exists() and name not in users:
-        raise ValueError(
-            f"adapter {name!r} already exists in {ckpt / 'adapters'} and is not task {name!r}'s "
-            "own (a pre-finetuned adapter?); choose another task name"
-        )
-    others = [t for t in users if t != name]
-    if others:
-        raise ValueError(f"adapter {name!r} is used by task(s) {others}; choose another task name")
-
-
-def _resolve_adapter_dir(ckpt: Path, ref: str | Path) -> Path:
-    """An adapter name in ``ckpt/adapters`` or a path to a PEFT adapter folder."""
-    inside = ckpt / "adapters" / str(ref)
-    if ck._NAME_RE.match(str(ref)) and (inside / "adapter_config.json").is_file():
-        return inside
-    if (Path(ref) / "adapter_config.json").is_file():
-        return Path(ref)
-    known = sorted(p.name for p in (ckpt / "adapters").glob("*") if p.is_dir()) if (ckpt / "adapters").is_dir() else []
-    raise ValueError(
-        f"adapter {str(ref)!r} not found: expected an adapter name in {ckpt / 'adapters'} "
-        f"(known: {known}) or a folder holding a PEFT adapter_config.json"
-    )
-
-
 def train_ner(
     ckpt: str | Path, dataset: Dataset, name: str, *, lora_layers: int | str | list[int] = 2,
     lora_rank: int = 32, lora_alpha: float = 64, lora_targets: Sequence[str] = archmod.DEFAULT_TARGETS,
@@ -284,7 +217,7 @@ def train_ner(
     if dataset.kind != "ner":
         raise ValueError(f"dataset {dataset.name!r} is {dataset.kind!r}, train_ner needs 'ner'")
     cfg = ck.read_config(ckpt)
-    _check_adapter_name_free(ckpt, name)
+    ck.check_adapter_name_free(ckpt, name)
     labels = bio_labels(dataset.labels)
     label2id = {t: i for i, t in enumerate(labels)}
     for split in (dataset.train, dataset.dev, dataset.test):
@@ -299,19 +232,21 @@ def train_ner(
         raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
 
     torch.manual_seed(seed)  # LoRA A init, head init and dropout draw from this
-    base, tokenizer, arch = load_backbone(ckpt)
+    base, tokenizer, arch = ck.load_backbone(ckpt)
     max_length = _usable_length(base, tokenizer, max_length)
     eval_length = _usable_length(base, tokenizer, EVAL_MAX_LENGTH, warn=False)
     if init_adapter is not None:
-        init_dir = _resolve_adapter_dir(ckpt, init_adapter)
-        model = load_adapter(base, init_dir, arch, trainable=True)
+        init_dir = ck.resolve_adapter_dir(ckpt, init_adapter)
+        model = ck.load_adapter(base, init_dir, arch, trainable=True)
     else:
         layers = archmod.resolve_layers(lora_layers, base.config.num_hidden_layers)
         lcfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0,
                           target_modules=archmod.peft_target_regex(arch, layers, tuple(lora_targets)))
         model = get_peft_model(base, lcfg)
     pcfg = model.peft_config["default"]
-    slots = sorted(lora_slots(list(get_peft_model_state_dict(model).keys()), arch))
+    # Record the slots actually trained: with init_adapter they are the adapter's own.
+    lora_keys = list(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
+    slots = sorted(ck.lora_slots(lora_keys, arch))
     head = nn.Linear(model.config.hidden_size, len(labels))
     model.to(device)
     head.to(device)
@@ -349,7 +284,7 @@ def train_ner(
         for batch in bar:
             ids = _pad([encoded[i][0] for i in batch], pad_id).to(device)  # (B, T)
             tags = _pad([encoded[i][1] for i in batch], -100).to(device)  # (B, T)
-            mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor([lengths[i] for i in batch])[:, None]).long().to(device)
+            mask = _pad([[1] * lengths[i] for i in batch], 0).to(device)  # (B, T)
             with _amp(device):
                 hidden = _encoder_out(model, ids, mask)  # (B, T, H)
             logits = head(hidden.float())  # (B, T, L)
@@ -457,14 +392,14 @@ def train_tc(
     train: tuple[TcExample, ...] = _subsample(dataset.train, max_train, seed)
     if len({ex.label for ex in train}) < 2:
         raise ValueError(f"{dataset.name}: train needs at least two classes")
-    base, tokenizer, arch = load_backbone(ckpt)
+    base, tokenizer, arch = ck.load_backbone(ckpt)
     adapter_name, copy_from, model = None, None, base
     if adapter is not None:
-        folder = _resolve_adapter_dir(ckpt, adapter)
+        folder = ck.resolve_adapter_dir(ckpt, adapter)
         adapter_name = ck.check_name(folder.name, "adapter")
         if folder.resolve() != (ckpt / "adapters" / adapter_name).resolve():
             copy_from = folder
-        model = load_adapter(base, folder, arch, trainable=False)
+        model = ck.load_adapter(base, folder, arch, trainable=False)
     model.to(device)
     max_length = _usable_length(base, tokenizer, max_length)
     config = {
@@ -504,11 +439,21 @@ def train_tc(
 
 # =========================================================================== CLI
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows real defaults only: "(default: None)" tells a reader nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or "default:" in text:
+            return text
+        return super()._get_help_string(action) or text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mtpf-adapt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="mtpf-adapt", formatter_class=_HelpFormatter,
         description="Train one NER (LoRA + token head) or TC (linear probe) task into an mtpf checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (created from --base if missing)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (required; created from --base if missing)")
     p.add_argument("--base", help="base encoder when creating the checkpoint: 'minilm' or a local HF "
                    "model folder; with an existing checkpoint it must match its backbone")
     p.add_argument("--kind", required=True, choices=("ner", "tc"), help="task family")
@@ -536,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("both")
     c.add_argument("--batch-size", type=int, help="batch size (default: 32 for ner, 64 for tc)")
     c.add_argument("--max-length", type=int, help="max sub-tokens per example when training "
-                   "(default: 128 for ner, 256 for tc); NER evaluation always uses 512")
-    c.add_argument("--max-train", type=int, help="use a seeded random subset of this many train examples")
+                   "(default: 128 for ner, 256 for tc); NER evaluation uses 512 (or the model's limit)")
+    c.add_argument("--max-train", type=int, help="use a seeded subset of this many train examples (default: all)")
     c.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda)")
     c.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and subsampling")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")

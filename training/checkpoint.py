@@ -112,7 +112,8 @@ def _install_dir(tmp: Path, final: Path) -> None:
     """Move a fully written ``tmp`` folder to ``final``.
 
     ``os.replace`` cannot replace a non-empty folder, so an old one is first renamed
-    aside: readers see either the old or the new folder complete, never a mix.
+    aside: readers see the old or the new folder complete, never a mix (for the instant
+    between the two renames, neither).
     """
     if final.exists():
         old = final.parent / f"{final.name}.old-{os.getpid()}"
@@ -235,7 +236,9 @@ def install_adapter(ckpt: str | Path, name: str, model_or_dir: Any) -> Path:
         return final
     tmp = _tmp_dir_for(final)
     try:
-        model_or_dir.save_pretrained(tmp)
+        # save_embedding_layers=False: mtpf never targets embeddings, and "auto" would probe
+        # the hub for the base model's config.
+        model_or_dir.save_pretrained(tmp, save_embedding_layers=False)
         # PEFT records the base path it was built on; point it at the checkpoint's backbone
         # so the folder does not depend on wherever training happened to run.
         cfg_path = tmp / "adapter_config.json"
@@ -342,3 +345,84 @@ def load_task(ckpt: str | Path, name: str) -> TaskArtifacts:
         head_bias=head["bias"],
         adapter_dir=adapter_dir(ckpt, adapter) if adapter else None,
     )
+
+
+# --------------------------------------------------------------------------- reading back (torch)
+# Imports stay inside the functions: this module is also read by torch-free code.
+
+def load_backbone(ckpt: str | Path) -> tuple[Any, Any, Any]:
+    """(AutoModel, tokenizer, arch.Arch) of the checkpoint's backbone."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from mtpf_training.arch import arch_for
+
+    backbone = Path(ckpt) / "backbone"
+    if not (backbone / "config.json").is_file():
+        raise CheckpointError(f"{ckpt} has no backbone/ (create it with init_checkpoint)")
+    model = AutoModel.from_pretrained(backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    return model, tokenizer, arch_for(model.config.model_type)
+
+
+def lora_slots(keys: list[str], arch: Any) -> set[tuple[int, str]]:
+    """The (layer, target) slots a set of PEFT weight names covers; foreign modules raise."""
+    from mtpf_training.arch import parse_lora_key
+
+    return {p[:2] for p in (parse_lora_key(arch, k) for k in keys) if p is not None}
+
+
+def load_adapter(base: Any, folder: Path, arch: Any, trainable: bool) -> Any:
+    """Wrap ``base`` in the PEFT adapter of ``folder``, refusing partial or foreign adapters."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    file = Path(folder) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{folder} is not a PEFT adapter (no adapter_model.safetensors)")
+    with safe_open(str(file), "pt") as f:
+        saved = set(f.keys())
+    try:
+        lora_slots(sorted(saved), arch)
+    except ValueError as e:
+        raise CheckpointError(f"adapter {folder}: {e}") from None
+    model = PeftModel.from_pretrained(base, folder, is_trainable=trainable)
+    # PEFT only warns about weights it could not place; a half-loaded adapter is refused here.
+    have = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
+    if saved != have:
+        raise CheckpointError(
+            f"adapter {folder} does not fit this backbone: weights only in the file "
+            f"{sorted(saved - have)[:3]}, only in the model {sorted(have - saved)[:3]}"
+        )
+    return model
+
+
+def resolve_adapter_dir(ckpt: str | Path, ref: str | Path) -> Path:
+    """An adapter name in ``ckpt/adapters`` or a path to a PEFT adapter folder."""
+    ckpt = Path(ckpt)
+    inside = ckpt / "adapters" / str(ref)
+    if _NAME_RE.match(str(ref)) and (inside / "adapter_config.json").is_file():
+        return inside
+    if (Path(ref) / "adapter_config.json").is_file():
+        return Path(ref)
+    folder = ckpt / "adapters"
+    known = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    raise CheckpointError(
+        f"adapter {str(ref)!r} not found: expected an adapter name in {folder} "
+        f"(known: {known}) or a folder holding a PEFT adapter_config.json"
+    )
+
+
+def check_adapter_name_free(ckpt: str | Path, name: str) -> None:
+    """A NER task owns ``adapters/<name>``: never overwrite an adapter something else relies on."""
+    ckpt = Path(ckpt)
+    users = [t for t in list_tasks(ckpt)
+             if json.loads((ckpt / "tasks" / f"{t}.json").read_text()).get("adapter") == name]
+    if (ckpt / "adapters" / name).exists() and name not in users:
+        raise CheckpointError(
+            f"adapter {name!r} already exists in {ckpt / 'adapters'} and is not task {name!r}'s "
+            "own (a pre-finetuned adapter?); choose another task name"
+        )
+    others = [t for t in users if t != name]
+    if others:
+        raise CheckpointError(f"adapter {name!r} is used by task(s) {others}; choose another task name")
