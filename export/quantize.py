@@ -9,6 +9,7 @@ and the result is checked for every LoRA input before it is accepted.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -19,13 +20,9 @@ from .graph import lora_input_names, lora_node_names
 SCHEMES = ("per-channel", "per-tensor")
 
 
-def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-channel") -> dict:
-    """Write the INT8 backbone to ``out_path``; return a description for the manifest."""
+def _quantize(fp32: onnx.ModelProto, out_path: Path, scheme: str, excluded: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantization scheme {scheme!r}; choose from {SCHEMES}")
-    excluded = lora_node_names(fp32)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         src = Path(tmp) / "fp32.onnx"
         onnx.save(fp32, src)
@@ -37,6 +34,22 @@ def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-
             nodes_to_exclude=excluded,
             extra_options={"MatMulConstBOnly": True},
         )
+
+
+def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-channel") -> dict:
+    """Write the INT8 backbone to ``out_path``; return a description for the manifest."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization scheme {scheme!r}; choose from {SCHEMES}")
+    excluded = lora_node_names(fp32)
+    # quantize_dynamic logs a pre-processing hint on the root logger; quant_pre_process
+    # cannot run on these graphs (symbolic shape inference fails), so the hint is noise.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        _quantize(fp32, out_path, scheme, excluded)
+    finally:
+        root.setLevel(level)
     q = onnx.load(str(out_path))
     lost = sorted(set(lora_input_names(fp32)) - set(lora_input_names(q)))
     if lost:
