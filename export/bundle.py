@@ -141,6 +141,36 @@ def write_adapter(path: Path, lora: dict, fingerprint: str) -> None:
 
 
 # ---------------------------------------------------------------- bundle writing
+def write_ort_format(stage: Path, graphs: list[str]) -> dict[str, str]:
+    """``mobile/<name>.ort`` for each graph, with ONNX Runtime's own converter.
+
+    ``--target_platform arm``: the optimizations baked into the file are the ones that
+    suit phones; the file still runs on x86 (the tests load it here).
+    """
+    import subprocess
+    import sys
+
+    mobile = stage / "mobile"
+    mobile.mkdir()
+    with tempfile.TemporaryDirectory(dir=stage.parent) as tmp:
+        for g in graphs:
+            os.link(stage / g, Path(tmp) / g)
+        proc = subprocess.run(
+            [sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", tmp,
+             "--optimization_style", "Fixed", "--target_platform", "arm"],
+            capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ExportError(f"ORT-format conversion failed: {proc.stderr.strip()[-2000:]}")
+        out = {}
+        for g in graphs:
+            name = Path(g).stem
+            os.replace(Path(tmp) / f"{name}.ort", mobile / f"{name}.ort")
+            out[name] = f"mobile/{name}.ort"
+        os.replace(Path(tmp) / "required_operators.config", mobile / "required_operators.config")
+    return out
+
+
+
 def _producer() -> dict:
     import importlib.metadata as md
 
@@ -275,7 +305,7 @@ def _sample_rows(tokenizer_json: Path, sample_texts: list[str]) -> list[list[int
 def export_bundle(
     ckpt: Path, out: Path, *, precision: str = "int8", scheme: str = "per-channel",
     tasks: list[str] | None = None, add_to: bool = False, sample_texts: list[str] | None = None,
-    log=print,
+    ort_format: bool = True, log=print,
 ) -> Manifest:
     """Export ``tasks`` of checkpoint ``ckpt`` to bundle ``out``.
 
@@ -327,13 +357,22 @@ def export_bundle(
             fp32_model = None
         else:
             slots = sorted({s for lora in loras.values() if lora for s in lora})
-            fp32_model, lora_slots = build_backbone(ckpt / "backbone", slots)
+            # The shared trunk ends where the first adapted layer begins; with an adapter on
+            # layer 0 (or none at all) there is nothing to share.
+            split = min(layer for layer, _ in slots) if slots else None
+            split = split or None
+            fp32_model, lora_slots = build_backbone(ckpt / "backbone", slots, split_layer=split)
+            graphs = {"backbone.onnx": fp32_model}
+            if split:
+                graphs["top.onnx"] = build_backbone(ckpt / "backbone", slots, part="top", split_layer=split)[0]
             special = _tokenizer_info(ckpt / "backbone", stage / "tokenizer.json")
-            if precision == "int8":
-                quant = quantize_backbone(fp32_model, stage / "backbone.onnx", scheme)
-            else:
-                onnx.save(fp32_model, stage / "backbone.onnx")
-                quant = {}
+            quant = {}
+            for fname, graph in graphs.items():
+                if precision == "int8":
+                    quant = quantize_backbone(graph, stage / fname, scheme)
+                else:
+                    onnx.save(graph, stage / fname)
+            mobile = write_ort_format(stage, list(graphs)) if ort_format else {}
             fingerprint = sha256_file(stage / "backbone.onnx")
             specs = {}
             m = Manifest(SCHEMA_VERSION, "backbone.onnx", fingerprint, precision, model_type,
@@ -342,7 +381,7 @@ def export_bundle(
                          cfg["max_position_embeddings"], special,
                          tuple(LoraSlotSpec(s.layer, s.target, s.in_features, s.out_features) for s in lora_slots),
                          "tokenizer.json", {}, {},
-                         source_sha, quant, _producer())
+                         source_sha, quant, _producer(), "top.onnx" if split else None, split, mobile)
         for t in ck_tasks:
             specs[t.name] = _write_task_files(stage, t, loras[t.name], fingerprint)
         m = _finish_manifest(stage, replace(m, tasks=specs, files={"backbone.onnx": fingerprint},
@@ -359,13 +398,14 @@ def export_bundle(
             try:
                 if fp32_model is None:
                     slots = sorted((s.layer, s.target) for s in m.lora_slots)
-                    fp32_model, _ = build_backbone(ckpt / "backbone", slots)
+                    fp32_model, _ = build_backbone(ckpt / "backbone", slots, split_layer=m.split_layer)
                 onnx.save(fp32_model, check / "backbone.onnx")
                 fp = sha256_file(check / "backbone.onnx")
                 shutil.copy2(stage / "tokenizer.json", check / "tokenizer.json")
                 cspecs = {t.name: _write_task_files(check, t, loras[t.name], fp) for t in ck_tasks}
                 _finish_manifest(check, replace(m, fingerprint=fp, precision="fp32", tasks=cspecs,
-                                                files={"backbone.onnx": fp}, quantization={}))
+                                                files={"backbone.onnx": fp}, quantization={},
+                                                top=None, split_layer=None, mobile={}))
                 fp32_out = _runtime_logits(check, ck_tasks, rows)
             finally:
                 shutil.rmtree(check, ignore_errors=True)

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add", action="store_true",
                    help="add/replace the tasks in the existing bundle OUT without rebuilding its backbone "
                         "(the checkpoint must share the bundle's backbone weights)")
+    p.add_argument("--no-ort-format", action="store_true",
+                   help="skip mobile/*.ort (ONNX Runtime Mobile format copies of the graphs)")
     p.add_argument("--sample-file", type=Path,
                    help="extra texts (one per line, UTF-8) for the export's torch-parity self-check")
     return p
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         export_bundle(args.checkpoint, args.out, precision=args.precision, scheme=args.quantization,
-                      tasks=args.tasks, add_to=args.add, sample_texts=samples)
+                      tasks=args.tasks, add_to=args.add, sample_texts=samples,
+                      ort_format=not args.no_ort_format)
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"mtpf-export: error: {e}", file=sys.stderr)
         return 2

@@ -112,9 +112,20 @@ class _Builder:
 
 
 def build_backbone(
-    backbone_dir: Path, slots: list[tuple[int, str]]
+    backbone_dir: Path, slots: list[tuple[int, str]], *, part: str = "full",
+    split_layer: int | None = None,
 ) -> tuple[onnx.ModelProto, list[LoraSlot]]:
-    """The encoder graph with LoRA inputs on ``slots`` ((layer, logical target) pairs)."""
+    """The encoder graph with LoRA inputs on ``slots`` ((layer, logical target) pairs).
+
+    ``split_layer`` L (the first adapted layer) enables the shared trunk: the ``full``
+    graph also outputs ``trunk_hidden``, the hidden state entering layer L, which no
+    adapter can change; ``part="top"`` builds only layers L.. with input ``trunk_hidden``,
+    so further tasks on the same text run just those layers.
+    """
+    if part not in ("full", "top"):
+        raise ValueError(f"part must be 'full' or 'top', got {part!r}")
+    if part == "top" and split_layer is None:
+        raise ValueError("part='top' needs split_layer")
     cfg = json.loads((backbone_dir / "config.json").read_text())
     spec = EncoderSpec.from_config(cfg)
     arch = arch_for(spec.model_type)
@@ -123,22 +134,25 @@ def build_backbone(
     if spec.activation not in ("gelu", "relu"):
         raise ValueError(f"activation {spec.activation!r} is not supported (gelu, relu)")
 
-    # ---- embeddings: word + position (+ token type 0 for BERT), LayerNorm
-    word = b.op("Gather", [b.const("emb.word", w["embeddings.word_embeddings.weight"]), "input_ids"],
-                name="emb.word_gather")
-    seq = b.op("Shape", ["input_ids"], start=1, end=2)  # [1]: the sequence length
-    pos_table = w["embeddings.position_embeddings.weight"]
-    if spec.model_type == "bert":
-        # Token type is always 0: fold its row into the position table once.
-        pos_table = pos_table + w["embeddings.token_type_embeddings.weight"][0]
-    # The first `seq` rows of the table. (Slice, not Gather(Range): ORT 1.32's
-    # Gather-to-Slice fusion breaks on a scalar Range.)
-    zero = b.const("c.zero1", np.array([0], np.int64))
-    pos = b.op("Slice", [b.const("emb.pos", pos_table), zero, seq, zero], name="emb.pos_slice")
-    x = b.op("Add", [word, pos])
-    ln = "embeddings.LayerNorm"
-    x = b.op("LayerNormalization", [x, b.const("emb.ln.g", w[f"{ln}.weight"]),
-                                    b.const("emb.ln.b", w[f"{ln}.bias"])], axis=-1, epsilon=spec.eps)
+    if part == "full":
+        # ---- embeddings: word + position (+ token type 0 for BERT), LayerNorm
+        word = b.op("Gather", [b.const("emb.word", w["embeddings.word_embeddings.weight"]), "input_ids"],
+                    name="emb.word_gather")
+        seq = b.op("Shape", ["input_ids"], start=1, end=2)  # [1]: the sequence length
+        pos_table = w["embeddings.position_embeddings.weight"]
+        if spec.model_type == "bert":
+            # Token type is always 0: fold its row into the position table once.
+            pos_table = pos_table + w["embeddings.token_type_embeddings.weight"][0]
+        # The first `seq` rows of the table. (Slice, not Gather(Range): ORT 1.32's
+        # Gather-to-Slice fusion breaks on a scalar Range.)
+        zero = b.const("c.zero1", np.array([0], np.int64))
+        pos = b.op("Slice", [b.const("emb.pos", pos_table), zero, seq, zero], name="emb.pos_slice")
+        x = b.op("Add", [word, pos])
+        ln = "embeddings.LayerNorm"
+        x = b.op("LayerNormalization", [x, b.const("emb.ln.g", w[f"{ln}.weight"]),
+                                        b.const("emb.ln.b", w[f"{ln}.bias"])], axis=-1, epsilon=spec.eps)
+    else:
+        x = "trunk_hidden"
 
     # ---- additive attention mask [batch, 1, 1, seq]
     m = b.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
@@ -172,7 +186,12 @@ def build_backbone(
         t = b.op("Reshape", [t, heads_shape])
         return b.op("Transpose", [t], perm=[0, 2, 1, 3])
 
-    for i in range(spec.layers):
+    first = 0 if part == "full" else split_layer
+    if split_layer is not None and not 0 < split_layer < spec.layers:
+        raise ValueError(f"split_layer must lie in 1..{spec.layers - 1}, got {split_layer}")
+    for i in range(first, spec.layers):
+        if part == "full" and i == split_layer:
+            b.nodes.append(helper.make_node("Identity", [x], ["trunk_hidden"], name="trunk_output"))
         p = f"{arch.layers}.{i}"
         q = split_heads(linear(x, i, "query"))
         k = split_heads(linear(x, i, "key"))
@@ -200,13 +219,17 @@ def build_backbone(
         x = b.op("LayerNormalization", [b.op("Add", [out, h]), b.const(f"{p}.ln2.g", w[f"{p}.{ln2}.weight"]),
                                         b.const(f"{p}.ln2.b", w[f"{p}.{ln2}.bias"])], axis=-1, epsilon=spec.eps)
 
+    if part == "top":
+        slot_set = {(layer, t) for layer, t in slot_set if layer >= split_layer}
     missing = slot_set - {(s.layer, s.target) for s in lora_slots}
     if missing:
         raise ValueError(f"LoRA slots {sorted(missing)} do not exist in a {spec.layers}-layer encoder")
     b.nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"], name="output"))
 
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+        if part == "full" else
+        helper.make_tensor_value_info("trunk_hidden", TensorProto.FLOAT, ["batch", "seq", spec.hidden]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
     ]
     for s in lora_slots:
@@ -216,6 +239,9 @@ def build_backbone(
         inputs.append(helper.make_tensor_value_info(s.b_name, TensorProto.FLOAT, [rank, s.out_features]))
     outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
                                              ["batch", "seq", spec.hidden])]
+    if part == "full" and split_layer is not None:
+        outputs.append(helper.make_tensor_value_info("trunk_hidden", TensorProto.FLOAT,
+                                                     ["batch", "seq", spec.hidden]))
     graph = helper.make_graph(b.nodes, "mtpf_backbone", inputs, outputs, initializer=b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="mtpf")

@@ -3,7 +3,10 @@
 A bundle is a folder::
 
     manifest.json               this file's schema (SCHEMA_VERSION)
-    backbone.onnx               frozen encoder, LoRA A/B as graph inputs with empty defaults
+    backbone.onnx               frozen encoder, LoRA A/B as graph inputs with empty defaults;
+                                also outputs ``trunk_hidden`` (the input of the first adapted layer)
+    top.onnx                    the adapted layers alone, from ``trunk_hidden`` (schema 2)
+    mobile/*.ort                the same graphs in ONNX Runtime's mobile (ORT) format (schema 2)
     tokenizer.json              Hugging Face tokenizers file
     adapters/<task>.onnx_adapter  ONNX Runtime adapter format (absent for a probe-only task)
     heads/<task>.npz            float32 ``weight`` [labels, hidden], ``bias`` [labels]; no pickle
@@ -23,7 +26,9 @@ from typing import Any
 
 from .errors import BundleError, ManifestError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema 1 (no shared-trunk graph) still loads: multi-task calls then run each task in full.
+READABLE_SCHEMAS = (1, 2)
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -135,13 +140,20 @@ class Manifest:
     source_sha256: str = ""  # sha256 of the checkpoint weights the backbone was built from
     quantization: dict = field(default_factory=dict)
     producer: dict = field(default_factory=dict)
+    top: str | None = None  # top.onnx: layers split_layer.. from trunk_hidden
+    split_layer: int | None = None
+    mobile: dict = field(default_factory=dict)  # {"backbone": "mobile/backbone.ort", "top": ...}
 
     def __post_init__(self) -> None:
-        if self.schema_version != SCHEMA_VERSION:
+        if self.schema_version not in READABLE_SCHEMAS:
             raise SchemaVersionError(
                 f"{MANIFEST}: schema_version {self.schema_version} is not readable by this runtime "
-                f"(reads {SCHEMA_VERSION}); re-export the bundle with this mtpf's `mtpf-export`"
+                f"(reads {READABLE_SCHEMAS}); re-export the bundle with this mtpf's `mtpf-export`"
             )
+        if (self.top is None) != (self.split_layer is None):
+            raise ManifestError(f"{MANIFEST}: backbone.top and backbone.split_layer go together")
+        if self.split_layer is not None and not 0 < self.split_layer < self.num_layers:
+            raise ManifestError(f"{MANIFEST}: split_layer {self.split_layer} outside 1..{self.num_layers - 1}")
         if self.precision not in ("fp32", "int8"):
             raise ManifestError(f"{MANIFEST}: precision {self.precision!r}; expected 'fp32' or 'int8'")
         if not _SHA.match(self.fingerprint):
@@ -160,7 +172,8 @@ class Manifest:
 
     def check_complete(self) -> None:
         """Every file the bundle uses has a sha256 entry (a finished, not a draft, manifest)."""
-        needed = {self.backbone, self.tokenizer}
+        needed = {self.backbone, self.tokenizer} | ({self.top} if self.top else set())
+        needed |= set(self.mobile.values())
         for t in self.tasks.values():
             needed |= {t.head} | ({t.adapter} if t.adapter else set())
         missing = sorted(needed - set(self.files))
@@ -172,10 +185,10 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"{MANIFEST}: top level must be a JSON object")
         version = _req(d, "schema_version", int, "manifest")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMAS:
             raise SchemaVersionError(
                 f"{MANIFEST}: schema_version {version} is not readable by this runtime "
-                f"(reads {SCHEMA_VERSION}); re-export the bundle with this mtpf's `mtpf-export`"
+                f"(reads {READABLE_SCHEMAS}); re-export the bundle with this mtpf's `mtpf-export`"
             )
         bb = _req(d, "backbone", dict, "manifest")
         slots = []
@@ -208,6 +221,9 @@ class Manifest:
             source_sha256=bb.get("source_sha256", ""),
             quantization=bb.get("quantization", {}),
             producer=d.get("producer", {}),
+            top=_opt(bb, "top", str, "backbone"),
+            split_layer=_opt(bb, "split_layer", int, "backbone"),
+            mobile=_str_map(d.get("mobile", {}), "mobile"),
         )
 
     def to_dict(self) -> dict:
@@ -219,14 +235,29 @@ class Manifest:
                 "model_type": self.model_type, "hidden_size": self.hidden_size,
                 "num_layers": self.num_layers, "max_positions": self.max_positions,
                 "source_sha256": self.source_sha256, "quantization": self.quantization,
+                "top": self.top, "split_layer": self.split_layer,
                 "lora_slots": [{"layer": s.layer, "target": s.target, "in": s.in_features,
                                 "out": s.out_features} for s in self.lora_slots],
             },
             "tokenizer": {"file": self.tokenizer, "special_ids": self.special_ids},
             "tasks": {n: t.to_dict() for n, t in sorted(self.tasks.items())},
             "files": dict(sorted(self.files.items())),
+            "mobile": self.mobile,
             "producer": self.producer,
         }
+
+
+def _opt(d: dict, key: str, typ: type, where: str) -> Any:
+    v = d.get(key)
+    if v is not None and (not isinstance(v, typ) or isinstance(v, bool)):
+        raise ManifestError(f"{MANIFEST}: {where}.{key} must be {typ.__name__} or null")
+    return v
+
+
+def _str_map(v: Any, where: str) -> dict:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ManifestError(f"{MANIFEST}: {where} must map names to file paths")
+    return v
 
 
 def _check_relpath(rel: str) -> None:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -79,11 +80,8 @@ class Runtime:
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        backbone = resolve_file(self.path, m.backbone)
-        try:
-            self._session = ort.InferenceSession(str(backbone), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise BundleError(f"{backbone}: ONNX Runtime cannot load it ({e})") from None
+        self._session = _session(resolve_file(self.path, m.backbone), opts)
+        self._top = _session(resolve_file(self.path, m.top), opts) if m.top else None
 
     # ---------------------------------------------------------------- loading
     def _load_head(self, spec: TaskSpec) -> _Head:
@@ -144,13 +142,7 @@ class Runtime:
         """
         single, batch = _as_batch(texts)
         spec = self._spec(task, "tc")
-        logits = self.logits(batch, task)
-        out = []
-        for row in logits:
-            p = softmax(row)
-            i = int(p.argmax())
-            out.append(Classification(spec.labels[i], float(p[i]),
-                                      {lab: float(v) for lab, v in zip(spec.labels, p)}))
+        out = self._serve([(t, spec) for t in batch])
         return out[0] if single else out
 
     def tag(self, texts: str | Sequence[str], task: str) -> list[Entity] | list[list[Entity]]:
@@ -162,39 +154,48 @@ class Runtime:
         """
         single, batch = _as_batch(texts)
         spec = self._spec(task, "ner")
-        clean = [_SURROGATE.sub("\ufffd", t) for t in batch]
-        encs = self._tok.encode_batch(clean, add_special_tokens=False)
-        size = spec.max_length - 2
-        stride = max(1, size // 2)
-        # prepare: one row per window
-        rows: list[list[int]] = []
-        owners: list[tuple[int, int]] = []  # (text index, window start)
-        spans_per_text: list[list[tuple[int, int]]] = []
-        for ti, enc in enumerate(encs):
-            spans = windows(len(enc.ids), size, stride) if enc.ids else []
-            spans_per_text.append(spans)
-            for s, e in spans:
-                rows.append(enc.ids[s:e])
-                owners.append((ti, s))
-        probs_rows = [softmax(x) for x in self._run_rows(rows, spec, pooled=False)]
-        by_text: dict[int, list[np.ndarray]] = {}
-        for (ti, _), p in zip(owners, probs_rows):
-            by_text.setdefault(ti, []).append(p)
-        # decode: per word, the first sub-token in its best window
-        results = []
-        for ti, (text, enc) in enumerate(zip(batch, encs)):
-            results.append(self._decode_words(text, enc, spans_per_text[ti], by_text.get(ti, []), spec))
-        return results[0] if single else results
+        out = self._serve([(t, spec) for t in batch])
+        return out[0] if single else out
+
+    def analyze(self, texts: str | Sequence[str], tasks: Sequence[str]) -> dict[str, Any]:
+        """Several tasks on the same texts in one pass: ``{task: classify/tag result}``.
+
+        The layers below the first adapted layer are identical for every task, so they run
+        once per text; only the adapted top layers run per task. Results equal calling the
+        tasks one by one (within float tolerance).
+        """
+        single, batch = _as_batch(texts)
+        specs = self._task_list(tasks)
+        flat = self._serve([(t, spec) for spec in specs for t in batch])
+        n = len(batch)
+        return {spec.name: (flat[k * n] if single else flat[k * n:(k + 1) * n])
+                for k, spec in enumerate(specs)}
+
+    def run_mixed(self, requests: Sequence[tuple[str, str]]) -> list[Any]:
+        """A batch whose rows ask for different tasks: ``[(text, task), ...]`` -> results in order.
+
+        Every row's lower layers run together in one batch; rows are then grouped by task for
+        the adapted layers. Each result is what ``classify``/``tag`` would return for that row.
+        """
+        if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence) or not requests:
+            raise InputError("requests must be a non-empty list of (text, task) pairs")
+        items = []
+        for i, r in enumerate(requests):
+            if not (isinstance(r, tuple) and len(r) == 2):
+                raise InputError(f"request {i} must be a (text, task) pair, got {type(r).__name__}")
+            text, task = r
+            if not isinstance(text, str):
+                raise InputError(f"request {i}: text must be str, got {type(text).__name__}")
+            items.append((text, self._spec(task, None)))
+        return self._serve(items)
 
     def logits(self, texts: Sequence[str], task: str) -> np.ndarray:
-        """Raw head outputs: (n, labels) for tc; for ner see :meth:`token_logits`."""
+        """Raw head outputs of a classification task: (n, labels)."""
         spec = self._spec(task, None)
         if spec.kind != "tc":
             raise TaskKindError(f"logits() returns sentence logits; task {task!r} is 'ner': use token_logits()")
         _, batch = _as_batch(texts)
-        clean = [_SURROGATE.sub("\ufffd", t) for t in batch]
-        encs = self._tok.encode_batch(clean, add_special_tokens=False)
-        rows = [e.ids[: spec.max_length - 2] for e in encs]
+        rows = [e.ids[: spec.max_length - 2] for e in self._encode(batch)]
         return np.stack(self._run_rows(rows, spec, pooled=True))
 
     def token_logits(self, token_ids: Sequence[Sequence[int]], task: str) -> list[np.ndarray]:
@@ -216,35 +217,151 @@ class Runtime:
                                 f"{'classification' if spec.kind == 'tc' else 'NER'} task; use {other}()")
         return spec
 
-    def _run_rows(self, rows: list[list[int]], spec: TaskSpec, pooled: bool) -> list[np.ndarray]:
-        """Backbone + head over token rows; length-sorted padded batches; input order kept."""
-        ids = self.manifest.special_ids
-        head = self._heads[spec.name]
-        adapter = self._adapters[spec.name]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    def _task_list(self, tasks: Sequence[str]) -> list[TaskSpec]:
+        if isinstance(tasks, str) or not isinstance(tasks, Sequence) or not tasks:
+            raise InputError("tasks must be a non-empty list of task names")
+        if len(set(tasks)) != len(tasks):
+            raise InputError(f"tasks lists a task twice: {list(tasks)}")
+        return [self._spec(t, None) for t in tasks]
+
+    def _encode(self, texts: Sequence[str]) -> list[Encoding]:
+        clean = [_SURROGATE.sub("\ufffd", t) for t in texts]
+        return self._tok.encode_batch(clean, add_special_tokens=False)
+
+    def _serve(self, items: list[tuple[str, TaskSpec]]) -> list[Any]:
+        """prepare (tokenise once per distinct text, rows per task) -> run -> decode."""
+        distinct = list(dict.fromkeys(t for t, _ in items))
+        enc_of = dict(zip(distinct, self._encode(distinct)))
+        # prepare: rows per item; a NER item may have several windows
+        rows: list[list[int]] = []
+        row_spec: list[TaskSpec] = []
+        item_rows: list[list[int]] = []
+        item_spans: list[list[tuple[int, int]]] = []
+        for text, spec in items:
+            ids = enc_of[text].ids
+            if spec.kind == "tc":
+                spans = [(0, min(len(ids), spec.max_length - 2))]
+            else:
+                size = spec.max_length - 2
+                spans = windows(len(ids), size, max(1, size // 2)) if ids else []
+            item_spans.append(spans)
+            item_rows.append(list(range(len(rows), len(rows) + len(spans))))
+            rows.extend(ids[s:e] for s, e in spans)
+            row_spec.extend([spec] * len(spans))
+        outputs = self._run_grouped(rows, row_spec)
+        # decode
+        results: list[Any] = []
+        for (text, spec), spans, idx in zip(items, item_spans, item_rows):
+            if spec.kind == "tc":
+                p = softmax(outputs[idx[0]])
+                i = int(p.argmax())
+                results.append(Classification(spec.labels[i], float(p[i]),
+                                              {lab: float(v) for lab, v in zip(spec.labels, p)}))
+            else:
+                probs = [softmax(outputs[k]) for k in idx]
+                results.append(self._decode_words(text, enc_of[text], spans, probs, spec))
+        return results
+
+    def _run_grouped(self, rows: list[list[int]], row_spec: list[TaskSpec]) -> list[np.ndarray]:
+        """Head outputs per row. One task: the full backbone. Several: trunk once, top per task."""
+        groups: dict[str, list[int]] = {}
+        for i, spec in enumerate(row_spec):
+            groups.setdefault(spec.name, []).append(i)
         out: list[np.ndarray | None] = [None] * len(rows)
+        if len(groups) == 1 or self._top is None:
+            for name, idx in groups.items():
+                spec = self.manifest.tasks[name]
+                for i, o in zip(idx, self._run_rows([rows[i] for i in idx], spec, spec.kind == "tc")):
+                    out[i] = o
+            return out  # type: ignore[return-value]
+        # Shared trunk. ONNX Runtime runs the whole graph whatever is fetched, so a
+        # trunk-only run would cost a full one: instead each row's first task runs the full
+        # backbone and also returns the trunk state; later tasks on that row run top.onnx only.
+        trunk: dict[tuple[int, ...], np.ndarray] = {}
+        for name, idx in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            spec = self.manifest.tasks[name]
+            pooled = spec.kind == "tc"
+            fresh = [i for i in idx if tuple(rows[i]) not in trunk]
+            cached = [i for i in idx if tuple(rows[i]) in trunk]
+            if fresh:
+                states: list[np.ndarray] = []
+                for i, o in zip(fresh, self._run_rows([rows[i] for i in fresh], spec, pooled, states)):
+                    out[i] = o
+                for i, st in zip(fresh, states):
+                    trunk.setdefault(tuple(rows[i]), st)
+            if cached:
+                for i, o in zip(cached, self._run_top([trunk[tuple(rows[i])] for i in cached], spec, pooled)):
+                    out[i] = o
+        return out  # type: ignore[return-value]
+
+    def _batches(self, lengths: list[int]):
+        """Index chunks of at most ``batch_size``, sorted by length (less padding)."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         for b0 in range(0, len(order), self.batch_size):
-            chunk = order[b0: b0 + self.batch_size]
-            width = max(len(rows[i]) for i in chunk) + 2
-            input_ids = np.full((len(chunk), width), ids["pad"], np.int64)
+            yield order[b0: b0 + self.batch_size]
+
+    def _pad_ids(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.manifest.special_ids
+        width = max(len(r) for r in rows) + 2
+        input_ids = np.full((len(rows), width), ids["pad"], np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for r, toks in enumerate(rows):
+            input_ids[r, : len(toks) + 2] = [ids["cls"], *toks, ids["sep"]]
+            mask[r, : len(toks) + 2] = 1
+        return input_ids, mask
+
+    def _run_options(self, spec: TaskSpec | None) -> ort.RunOptions:
+        run_options = ort.RunOptions()
+        adapter = self._adapters[spec.name] if spec is not None else None
+        if adapter is not None:
+            run_options.add_active_adapter(adapter)
+        return run_options
+
+    def _head(self, hidden: np.ndarray, mask: np.ndarray, n_tokens: list[int], spec: TaskSpec,
+              pooled: bool) -> list[np.ndarray]:
+        head = self._heads[spec.name]
+        if pooled:
+            logits = mean_pool(hidden, mask) @ head.weight.T + head.bias  # (batch, labels)
+            return list(logits)
+        logits = hidden @ head.weight.T + head.bias  # (batch, seq, labels)
+        return [logits[r, 1: n + 1] for r, n in enumerate(n_tokens)]  # drop [CLS], [SEP], padding
+
+    def _run_rows(self, rows: list[list[int]], spec: TaskSpec, pooled: bool,
+                  trunk_out: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Full backbone + head over token rows; length-sorted padded batches; order kept.
+
+        ``trunk_out``: also collect each row's trunk state, (len + 2, hidden), in row order.
+        """
+        out: list[np.ndarray | None] = [None] * len(rows)
+        states: list[np.ndarray | None] = [None] * len(rows)
+        fetch = ["last_hidden_state"] + (["trunk_hidden"] if trunk_out is not None else [])
+        for chunk in self._batches([len(r) for r in rows]):
+            input_ids, mask = self._pad_ids([rows[i] for i in chunk])
+            res = self._session.run(fetch, {"input_ids": input_ids, "attention_mask": mask},
+                                    self._run_options(spec))
+            for i, o in zip(chunk, self._head(res[0], mask, [len(rows[i]) for i in chunk], spec, pooled)):
+                out[i] = o
+            if trunk_out is not None:
+                for r, i in enumerate(chunk):
+                    states[i] = res[1][r, : len(rows[i]) + 2]
+        if trunk_out is not None:
+            trunk_out.extend(states)  # type: ignore[arg-type]
+        return out  # type: ignore[return-value]
+
+    def _run_top(self, hiddens: list[np.ndarray], spec: TaskSpec, pooled: bool) -> list[np.ndarray]:
+        assert self._top is not None
+        out: list[np.ndarray | None] = [None] * len(hiddens)
+        for chunk in self._batches([len(h) for h in hiddens]):
+            width = max(len(hiddens[i]) for i in chunk)
+            x = np.zeros((len(chunk), width, self.manifest.hidden_size), np.float32)
             mask = np.zeros((len(chunk), width), np.int64)
             for r, i in enumerate(chunk):
-                toks = rows[i]
-                input_ids[r, : len(toks) + 2] = [ids["cls"], *toks, ids["sep"]]
-                mask[r, : len(toks) + 2] = 1
-            run_options = ort.RunOptions()
-            if adapter is not None:
-                run_options.add_active_adapter(adapter)
-            hidden = self._session.run(["last_hidden_state"],
-                                       {"input_ids": input_ids, "attention_mask": mask}, run_options)[0]
-            if pooled:
-                logits = mean_pool(hidden, mask) @ head.weight.T + head.bias  # (batch, labels)
-                for r, i in enumerate(chunk):
-                    out[i] = logits[r]
-            else:
-                logits = hidden @ head.weight.T + head.bias  # (batch, seq, labels)
-                for r, i in enumerate(chunk):
-                    out[i] = logits[r, 1: len(rows[i]) + 1]  # drop [CLS], [SEP], padding
+                x[r, : len(hiddens[i])] = hiddens[i]
+                mask[r, : len(hiddens[i])] = 1
+            hidden = self._top.run(["last_hidden_state"], {"trunk_hidden": x, "attention_mask": mask},
+                                   self._run_options(spec))[0]
+            for i, o in zip(chunk, self._head(hidden, mask, [len(hiddens[i]) - 2 for i in chunk], spec, pooled)):
+                out[i] = o
         return out  # type: ignore[return-value]
 
     def _decode_words(self, text: str, enc: Encoding, spans: list[tuple[int, int]],
@@ -272,6 +389,13 @@ class Runtime:
             scores.append(float(p[j]))
             wspans.append((char_span[w][0], char_span[w][1]))
         return decode_bio(tags, scores, wspans, text)
+
+
+def _session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise BundleError(f"{path}: ONNX Runtime cannot load it ({e})") from None
 
 
 def _as_batch(texts: str | Sequence[str]) -> tuple[bool, list[str]]:

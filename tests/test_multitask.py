@@ -1,0 +1,142 @@
+"""One pass for many tasks: shared trunk, mixed-task batches, ORT format, schema versions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from ckpt_factory import make_checkpoint  # noqa: E402
+from mtpf_runtime import InputError, Runtime  # noqa: E402
+
+NER = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+# Adapters on layer 1 of 2: layer 0 is the shared trunk.
+TASKS = {
+    "ner": {"kind": "ner", "labels": NER, "adapter": "ner", "layers": (1,), "max_length": 32},
+    "ner2": {"kind": "ner", "labels": NER, "adapter": "ner2", "layers": (1,), "rank": 4, "max_length": 24},
+    "tc": {"kind": "tc", "labels": ["a", "b", "c"], "adapter": "tc", "layers": (1,)},
+    "probe": {"kind": "tc", "labels": ["x", "y"], "adapter": None},
+}
+TEXTS = ["Peter Blackburn met Angela Merkel in Berlin.", "", "short one",
+         "word " * 50 + "Paris", "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def bundle(request: pytest.FixtureRequest, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mtpf_export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("multi")
+    ckpt = make_checkpoint(tiny_bert, root / "ckpt", tasks=TASKS)
+    export_bundle(ckpt, root / "b", precision=request.param, log=lambda *a: None)
+    return root / "b"
+
+
+def _same(a, b, tol: float) -> None:
+    if isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y, tol)
+    elif hasattr(a, "scores"):
+        assert a.label == b.label and abs(a.score - b.score) < tol
+    else:
+        assert (a.start, a.end, a.label, a.text) == (b.start, b.end, b.label, b.text)
+        assert abs(a.score - b.score) < tol
+
+
+def test_bundle_has_trunk_split(bundle: Path) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["schema_version"] == 2
+    assert m["backbone"]["split_layer"] == 1 and m["backbone"]["top"] == "top.onnx"
+    assert set(m["mobile"]) == {"backbone", "top"}
+
+
+def test_analyze_equals_one_by_one(bundle: Path) -> None:
+    rt = Runtime(bundle, batch_size=1)  # batch 1: INT8 activation scales then match exactly per row
+    got = rt.analyze(TEXTS, ["ner", "tc", "probe", "ner2"])
+    _same(got["ner"], rt.tag(TEXTS, task="ner"), 1e-4)
+    _same(got["ner2"], rt.tag(TEXTS, task="ner2"), 1e-4)
+    _same(got["tc"], rt.classify(TEXTS, task="tc"), 1e-4)
+    _same(got["probe"], rt.classify(TEXTS, task="probe"), 1e-4)
+    one = rt.analyze(TEXTS[0], ["tc", "ner"])
+    _same(one["tc"], rt.classify(TEXTS[0], task="tc"), 1e-4)
+    _same(one["ner"], rt.tag(TEXTS[0], task="ner"), 1e-4)
+
+
+def test_analyze_runs_top_layers_only_for_later_tasks(bundle: Path, monkeypatch) -> None:
+    rt = Runtime(bundle)
+    calls = {"full": 0, "top": 0}
+    full_run, top_run = rt._session.run, rt._top.run
+
+    class Spy:
+        def __init__(self, inner, key):
+            self.inner, self.key = inner, key
+
+        def run(self, *a, **k):
+            calls[self.key] += 1
+            return self.inner(*a, **k)
+
+    rt._session, rt._top = Spy(full_run, "full"), Spy(top_run, "top")
+    rt.analyze(TEXTS[0], ["ner", "tc", "probe"])
+    assert calls == {"full": 1, "top": 2}
+
+
+def test_mixed_batch_equals_per_task_calls(bundle: Path) -> None:
+    rt = Runtime(bundle, batch_size=1)
+    reqs = [(TEXTS[0], "ner"), (TEXTS[2], "tc"), (TEXTS[0], "tc"), (TEXTS[3], "ner2"), (TEXTS[1], "probe"),
+            (TEXTS[4], "ner"), (TEXTS[4], "probe")]
+    got = rt.run_mixed(reqs)
+    for (text, task), g in zip(reqs, got):
+        want = rt.tag(text, task=task) if task.startswith("ner") else rt.classify(text, task=task)
+        _same(g, want, 1e-4)
+    for bad in ([], "x", [("a",)], [(1, "tc")], [("a", "nope")]):
+        with pytest.raises((InputError, KeyError)):
+            rt.run_mixed(bad)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="twice"):
+        rt.analyze("x", ["tc", "tc"])
+
+
+def test_ort_format_runs_with_onnxruntime_alone(bundle: Path) -> None:
+    """mobile/backbone.ort + the .onnx_adapter + the npz head, no mtpf code in the path."""
+    import onnxruntime as ort
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(bundle / m["mobile"]["backbone"]), opts, providers=["CPUExecutionProvider"])
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(bundle / m["tasks"]["ner"]["adapter"]))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(adapter)
+    with np.load(bundle / m["tasks"]["ner"]["head"], allow_pickle=False) as z:
+        w, b = z["weight"], z["bias"]
+    rt = Runtime(bundle)
+    rows = [e.ids for e in rt._encode(TEXTS[:1])]
+    ids = np.array([[101, *rows[0], 102]], np.int64)
+    hidden = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}, run_options)[0]
+    logits = hidden[0, 1:-1] @ w.T + b
+    np.testing.assert_allclose(logits, rt.token_logits(rows, "ner")[0], atol=1e-5)
+
+
+def test_schema_1_bundle_still_loads(bundle: Path, tmp_path: Path) -> None:
+    """A schema-1 bundle (no trunk graph) loads; multi-task calls run each task in full."""
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["schema_version"] = 1
+    for key in ("top", "split_layer"):
+        m["backbone"].pop(key)
+    m.pop("mobile")
+    for rel in ("top.onnx", "mobile/backbone.ort", "mobile/top.ort", "mobile/required_operators.config"):
+        m["files"].pop(rel)
+        (old / rel).unlink()
+    (old / "manifest.json").write_text(json.dumps(m))
+    rt, new = Runtime(old, batch_size=1), Runtime(bundle, batch_size=1)
+    assert rt._top is None
+    got = rt.analyze(TEXTS, ["ner", "tc"])
+    _same(got["ner"], new.tag(TEXTS, task="ner"), 1e-4)
+    _same(got["tc"], new.classify(TEXTS, task="tc"), 1e-4)
