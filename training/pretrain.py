@@ -119,7 +119,7 @@ class PretrainConfig:
         if bad:
             raise ValueError(f"unknown pair source(s) {bad}; choose from {PAIR_SOURCES}")
         for s in self.raw_pair_sources:
-            kind, _, corpus = s.partition(":")
+            kind, _, corpus = s.partition(":")  # corpus may itself be embedded:NAME
             if kind not in ("dropout", "neighbours") or not corpus:
                 raise ValueError(f"raw pair source {s!r}: expected dropout:CORPUS or neighbours:CORPUS")
         for name in ("steps", "ner_batch_size", "tc_batch_size", "max_length", "n_clusters", "lora_rank",
@@ -174,14 +174,27 @@ def _subset(items: list, cap: int | None, seed: int, salt: str) -> list:
     return [items[i] for i in np.sort(rng.permutation(len(items))[:cap])]
 
 
+def raw_sentences(name: str, root: str | None) -> list[str]:
+    """A raw corpus of ../shared/data (``nlp_corpus``, ``brown``), or ``embedded:NAME``: the
+    training texts of a data set shipped by a pip package (the README's main job needs no
+    ../shared). Labels are never read."""
+    from mtpf_training.data import load_raw_sentences
+
+    if name.startswith("embedded:"):
+        from mtpf_training.embedded import load_embedded
+
+        ds = load_embedded(name.partition(":")[2])
+        return [ex.text if hasattr(ex, "text") else " ".join(ex.tokens) for ex in ds.train]
+    return load_raw_sentences(name, root)
+
+
 def load_ner_data(cfg: PretrainConfig, tokenizer: Any, cache_dir: Path, max_length: int,
                   progress: bool = True) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
-    from mtpf_training.data import load_raw_sentences
     from mtpf_training.teachers import cluster_words, make_teacher
 
     sentences: list[str] = []
     for name in cfg.ner_raw:
-        sentences += load_raw_sentences(name, cfg.data_root)
+        sentences += raw_sentences(name, cfg.data_root)
     sentences = _subset(sentences, cfg.max_ner_sentences, cfg.seed, "ner_raw")
     words = [s.split()[:cfg.max_words] for s in sentences]
     words = [w for w in words if w]
@@ -197,7 +210,7 @@ def load_ner_data(cfg: PretrainConfig, tokenizer: Any, cache_dir: Path, max_leng
 
 
 def load_tc_pairs(cfg: PretrainConfig) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    from mtpf_training.data import load_pairs, load_raw_sentences
+    from mtpf_training.data import load_pairs
 
     pairs: list[tuple[str, str]] = []
     counts: dict[str, int] = {}
@@ -207,7 +220,7 @@ def load_tc_pairs(cfg: PretrainConfig) -> tuple[list[tuple[str, str]], dict[str,
         counts[name], pairs = len(got), pairs + got
     for spec in cfg.raw_pair_sources:
         kind, _, corpus = spec.partition(":")
-        sents = load_raw_sentences(corpus, cfg.data_root)
+        sents = raw_sentences(corpus, cfg.data_root)
         if kind == "dropout":  # two forward passes of one sentence differ only by dropout
             got = [(s, s) for s in sents]
         else:
