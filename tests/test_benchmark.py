@@ -1,0 +1,121 @@
+"""benchmarks/: the merged-model alternative computes the same function, and ``--quick`` works.
+
+The benchmark is run for its structure only (exit 0, sane numbers, every section present):
+speed is never asserted; timings on a shared CI machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("psutil")
+
+from ckpt_factory import make_checkpoint  # noqa: E402
+from mtpf_benchmarks.merged import build_merged_bundle  # noqa: E402
+from mtpf_export.bundle import export_bundle  # noqa: E402
+from mtpf_runtime import Runtime  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+NER_LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+# Two classifiers (switch cost between tasks of one kind) and one tagger; ner_a's max_length
+# is below the quick run's 64-piece texts, so the "skipped: longer than max_length" path runs.
+TASKS = {
+    "tc_a": {"kind": "tc", "labels": ["neg", "pos"], "adapter": "tc_a", "layers": (0, 1), "rank": 8,
+             "targets": ("query", "key", "ffn_in", "ffn_out"), "max_length": 128},
+    "ner_a": {"kind": "ner", "labels": NER_LABELS, "adapter": "ner_a", "layers": (1,), "rank": 4,
+              "max_length": 48},
+    "tc_b": {"kind": "tc", "labels": ["x", "y", "z"], "adapter": "tc_b", "layers": (1,), "rank": 8,
+             "max_length": 128},
+}
+TEXTS = ["Peter Blackburn met Angela Merkel in Berlin.", "short", "",
+         "The quick brown fox jumps over the lazy dog near Paris, France!", "a " * 70]
+QUIET = {"log": lambda *a: None}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    ckpt = make_checkpoint(tiny_bert, root / "ckpt", tasks=TASKS)
+    return {"root": root, "ckpt": ckpt, "bundle": export_bundle(ckpt, root / "bundle", **QUIET) and root / "bundle"}
+
+
+@pytest.mark.parametrize("task", ["tc_a", "ner_a"])
+def test_merged_model_is_the_same_function(setup: dict[str, Path], task: str) -> None:
+    """fp32 merged backbone (W + s·B@A, no LoRA slots) == fp32 mtpf graph with the adapter fed."""
+    root, ckpt = setup["root"], setup["ckpt"]
+    fp32 = export_bundle(ckpt, root / "fp32", precision="fp32", **QUIET) and root / "fp32"
+    merged = build_merged_bundle(ckpt, task, root / f"merged_{task}", precision="fp32")
+    assert Runtime(merged).manifest.lora_slots == ()
+    rt, mrt = Runtime(fp32), Runtime(merged)
+    floor = copy.copy(rt)  # the same graph with no adapter fed: the merge must not be a no-op
+    floor._adapters = dict.fromkeys(rt._adapters)
+    if TASKS[task]["kind"] == "tc":
+        a, b = rt.logits(TEXTS, task), mrt.logits(TEXTS, task)
+        assert np.abs(a - b).max() <= 1e-4
+        assert np.abs(floor.logits(TEXTS, task) - b).max() > 1e-3
+    else:
+        rows = [e.ids[:46] for e in rt._tok.encode_batch(TEXTS, add_special_tokens=False)]
+        got, want = mrt.token_logits(rows, task), rt.token_logits(rows, task)
+        for a, b in zip(want, got):
+            assert a.shape == b.shape
+            assert a.size == 0 or np.abs(a - b).max() <= 1e-4
+        assert max(np.abs(a - b).max() for a, b in zip(floor.token_logits(rows, task), got) if a.size) > 1e-3
+
+
+def _finite_positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# ~60 s alone on 2 cores (the --quick budget; three torch worker processes import torch).
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_writes_sane_results(setup: dict[str, Path]) -> None:
+    out = setup["root"] / "bench_out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "latency.py"), "--bundle", str(setup["bundle"]),
+         "--checkpoint", str(setup["ckpt"]), "--out", str(out), "--quick"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "results.md").read_text().count("|") > 20
+    assert res["machine"]["cores"] >= 1 and res["machine"]["onnxruntime"]
+
+    lat = res["latency"]
+    engines = {r["engine"] for r in lat}
+    assert {"mtpf", "floor", "merged", "torch"} <= engines
+    measured = [r for r in lat if not r.get("skipped")]
+    assert measured and any(r.get("skipped") for r in lat)  # ner_a cannot take 64 pieces
+    for r in measured:
+        assert all(_finite_positive(r[k]) for k in ("p50_ms", "p95_ms", "p99_ms")), r
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"], r
+        assert r["n"] >= 1 and r["tokens"] == r["seq"]
+    for w in res["workers"]:
+        assert _finite_positive(w["rss_load_mb"]) and _finite_positive(w["peak_rss_mb"]), w
+        assert _finite_positive(w["cold_start_ms"]), w
+        if w["engine"] != "torch":
+            assert not w["torch_imported"], w  # the ONNX engines never pull torch in
+
+    mem = res["memory"]
+    assert {(m["engine"], m["k"]) for m in mem} >= {("mtpf", 1), ("mtpf", 2), ("merged", 1), ("merged", 2),
+                                                   ("floor", 0)}
+    for m in mem:
+        assert _finite_positive(m["rss_mb"]) and _finite_positive(m["peak_rss_mb"]), m
+    assert res["disk"]["bundle_mb"] > 0
+
+    for s in res["switch"]:
+        assert _finite_positive(s["repeat_ms"]) and _finite_positive(s["alternate_ms"]), s
+    for name in ("adapter_overhead", "rss_k_over_merged1", "merged_k_over_mtpf", "throughput_b32"):
+        assert math.isfinite(res["ratios"][name]["value"]) and res["ratios"][name]["value"] > 0, name
+    assert {t["target"] for t in res["targets"]} >= {"adapter_overhead", "rss_k_over_merged1",
+                                                      "merged_k_over_mtpf", "throughput_b32"}
+    assert all(t["status"] in ("PASS", "FAIL", "SKIP") for t in res["targets"])
