@@ -6,6 +6,13 @@
 * TC: a linear probe. Mean-pooled embeddings (a TC adapter active, if any) are computed
   once; a logistic regression on them becomes the head.
 
+Work that cannot change is done once. NER training only updates the LoRA layers and the
+head, so the hidden states entering the first layer with trainable weights are computed
+once per sentence (embeddings + frozen lower layers, in eval mode: no dropout there, the
+usual practice for frozen feature extraction) and every epoch runs only the top layers
+(``cache_lower_layers``). A :class:`FeatureCache` passed by the caller keeps these lower
+states, and TC's pooled embeddings, across runs on the same backbone (several seeds).
+
 Both write into the checkpoint described in :mod:`mtpf_training.checkpoint`.
 """
 
@@ -66,6 +73,105 @@ def _amp(device: str) -> Any:
     if device.startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+class FeatureCache:
+    """Frozen features kept across runs in one process, e.g. the seeds of one comparison.
+
+    Tables are keyed by what the features depend on (kind, backbone sha256, adapter
+    fingerprint, layer, max length); rows inside a table by the example (token ids or
+    text). The caller owns the cache and drops it when moving to another dataset.
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[Any, ...], dict[Any, Any]] = {}
+
+    def table(self, *key: Any) -> dict[Any, Any]:
+        return self._tables.setdefault(key, {})
+
+    def clear(self) -> None:
+        self._tables.clear()
+
+
+def _encoder_parts(model: nn.Module, arch: archmod.Arch) -> tuple[nn.Module, nn.ModuleList, Any]:
+    """(embeddings, transformer layers, config) of a plain or PEFT-wrapped encoder."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.embeddings, inner.get_submodule(arch.layers), inner.config
+
+
+def first_trainable_layer(model: nn.Module, arch: archmod.Arch) -> int | None:
+    """Index of the lowest layer holding a trainable weight; None if the embeddings train.
+
+    Everything below it is frozen, so its output cannot change during training.
+    """
+    emb, layers, _ = _encoder_parts(model, arch)
+    if any(p.requires_grad for p in emb.parameters()):
+        return None
+    for i, layer in enumerate(layers):
+        if any(p.requires_grad for p in layer.parameters()):
+            return i
+    return len(layers)
+
+
+def _mask_fn() -> Any:
+    try:  # transformers >= 5: the same function BertModel / DistilBertModel call
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:
+        return None
+    return create_bidirectional_mask
+
+
+def _run_layers(hidden: torch.Tensor, mask: torch.Tensor, layers: Sequence[nn.Module], config: Any) -> torch.Tensor:
+    """Layers called directly, with the attention mask built exactly as the model builds it."""
+    ext = _mask_fn()(config=config, inputs_embeds=hidden, attention_mask=mask)  # implementation-specific
+    for layer in layers:
+        hidden = layer(hidden, ext)  # BertLayer / TransformerBlock: (hidden_states, attention_mask)
+        if isinstance(hidden, tuple):
+            hidden = hidden[0]
+    return hidden  # (B, T, H)
+
+
+@torch.no_grad()
+def lower_hidden_states(
+    model: nn.Module, arch: archmod.Arch, rows: Sequence[Sequence[int]], first: int, pad_id: int,
+    batch_size: int = 64,
+) -> list[torch.Tensor]:
+    """Input of layer ``first`` per row of token ids: (len(row), H) float32 CPU tensors.
+
+    Embeddings and layers below ``first`` run in eval mode (no dropout).
+    """
+    emb, layers, config = _encoder_parts(model, arch)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids = _pad([list(rows[i]) for i in idx], pad_id).to(device)  # (B, T)
+        mask = _pad([[1] * len(rows[i]) for i in idx], 0).to(device)  # (B, T)
+        with _amp(str(device)):
+            hidden = _run_layers(emb(input_ids=ids), mask, layers[:first], config)  # (B, T, H)
+        for j, i in enumerate(idx):
+            out[i] = hidden[j, :len(rows[i])].float().cpu()
+    model.train(was_training)
+    return out
+
+
+def upper_forward(
+    model: nn.Module, arch: archmod.Arch, lower: Sequence[torch.Tensor], first: int,
+) -> torch.Tensor:
+    """last_hidden_state from cached inputs of layer ``first`` (zero-padded; padding masked)."""
+    _, layers, config = _encoder_parts(model, arch)
+    device = next(model.parameters()).device
+    width = max(t.shape[0] for t in lower)
+    hidden = torch.zeros(len(lower), width, lower[0].shape[-1])  # (B, T, H)
+    mask = torch.zeros(len(lower), width, dtype=torch.long)  # (B, T)
+    for j, t in enumerate(lower):
+        hidden[j, :t.shape[0]] = t
+        mask[j, :t.shape[0]] = 1
+    with _amp(str(device)):
+        return _run_layers(hidden.to(device), mask.to(device), layers[first:], config)  # (B, T, H)
 
 
 # =========================================================================== NER
@@ -208,9 +314,14 @@ def train_ner(
     lora_rank: int = 32, lora_alpha: float = 64, lora_targets: Sequence[str] = archmod.DEFAULT_TARGETS,
     init_adapter: str | Path | None = None, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
     max_length: int = 128, max_train: int | None = None, seed: int = 0, device: str = "cpu",
-    progress: bool = True,
+    progress: bool = True, cache_lower_layers: bool = True, feature_cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
-    """LoRA fine-tuning + token head; writes adapter, head and task into ``ckpt``."""
+    """LoRA fine-tuning + token head; writes adapter, head and task into ``ckpt``.
+
+    ``cache_lower_layers``: compute the frozen layers below the first LoRA layer once
+    (in eval mode, so without their dropout) and train on the top layers only.
+    ``feature_cache`` keeps those states for later runs on the same backbone.
+    """
     # ---------------------------------------------------------------- validate and resolve
     ckpt = Path(ckpt)
     ck.check_name(name)
@@ -250,6 +361,11 @@ def train_ner(
     head = nn.Linear(model.config.hidden_size, len(labels))
     model.to(device)
     head.to(device)
+    first = first_trainable_layer(model, arch) if cache_lower_layers else None
+    if cache_lower_layers and (first is None or _mask_fn() is None):
+        log.info("cache_lower_layers: not possible here (trainable embeddings or transformers < 5); "
+                 "running the full encoder every step")
+        first = None
     config = {
         "kind": "ner", "dataset": dataset.name, "split_note": dataset.split_note,
         "lora_layers": sorted({s[0] for s in slots}),
@@ -259,6 +375,8 @@ def train_ner(
         "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
         "eval_max_length": eval_length, "max_train": max_train, "train_examples": len(train),
         "seed": seed, "device": device, "optimizer": "AdamW, linear decay, 10% warmup",
+        # layers below this index ran once, in eval mode (null: every step, in train mode)
+        "cached_lower_layers_below": first,
         "backbone_sha256": cfg["backbone_sha256"], "versions": _versions(),
     }
     log.info("train_ner %s: %s", name, json.dumps(config))
@@ -273,8 +391,17 @@ def train_ner(
     sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t0 = time.time()  # training time includes computing the cached lower layers
+    lower: list[torch.Tensor] | None = None
+    if first is not None:
+        # Row key = token ids: they already carry the tokenizer and max_length.
+        table = (feature_cache.table("ner_lower", cfg["backbone_sha256"], first)
+                 if feature_cache is not None else {})
+        todo = sorted({tuple(ids) for ids, _ in encoded} - table.keys())
+        for key, h in zip(todo, lower_hidden_states(model, arch, todo, first, pad_id)):
+            table[key] = h
+        lower = [table[tuple(ids)] for ids, _ in encoded]
     losses_per_epoch: list[float] = []
-    t0 = time.time()
     for epoch in range(epochs):
         model.train()
         head.train()
@@ -285,8 +412,11 @@ def train_ner(
             ids = _pad([encoded[i][0] for i in batch], pad_id).to(device)  # (B, T)
             tags = _pad([encoded[i][1] for i in batch], -100).to(device)  # (B, T)
             mask = _pad([[1] * lengths[i] for i in batch], 0).to(device)  # (B, T)
-            with _amp(device):
-                hidden = _encoder_out(model, ids, mask)  # (B, T, H)
+            if lower is not None:
+                hidden = upper_forward(model, arch, [lower[i] for i in batch], first)  # (B, T, H)
+            else:
+                with _amp(device):
+                    hidden = _encoder_out(model, ids, mask)  # (B, T, H)
             logits = head(hidden.float())  # (B, T, L)
             loss = loss_fn(logits.reshape(-1, logits.shape[-1]), tags.reshape(-1))
             opt.zero_grad(set_to_none=True)
@@ -372,9 +502,13 @@ def _tc_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
 def train_tc(
     ckpt: str | Path, dataset: Dataset, name: str, *, adapter: str | None = None, max_length: int = 256,
     max_train: int | None = None, seed: int = 0, batch_size: int = 64, device: str = "cpu",
-    progress: bool = True,
+    progress: bool = True, feature_cache: FeatureCache | None = None,
 ) -> dict[str, Any]:
-    """Linear probe on frozen pooled embeddings; writes head and task into ``ckpt``."""
+    """Linear probe on frozen pooled embeddings; writes head and task into ``ckpt``.
+
+    Every text is embedded once per run; with ``feature_cache``, once per backbone,
+    adapter and max_length across runs (seeds only change the probe's training subset).
+    """
     from sklearn.linear_model import LogisticRegression
 
     # ---------------------------------------------------------------- validate and resolve
@@ -393,9 +527,10 @@ def train_tc(
     if len({ex.label for ex in train}) < 2:
         raise ValueError(f"{dataset.name}: train needs at least two classes")
     base, tokenizer, arch = ck.load_backbone(ckpt)
-    adapter_name, copy_from, model = None, None, base
+    adapter_name, copy_from, model, adapter_fp = None, None, base, None
     if adapter is not None:
         folder = ck.resolve_adapter_dir(ckpt, adapter)
+        adapter_fp = ck.sha256_file(folder / "adapter_model.safetensors")
         adapter_name = ck.check_name(folder.name, "adapter")
         if folder.resolve() != (ckpt / "adapters" / adapter_name).resolve():
             copy_from = folder
@@ -412,8 +547,16 @@ def train_tc(
     log.info("train_tc %s: %s", name, json.dumps(config))
 
     # ---------------------------------------------------------------- embed and fit
+    table = (feature_cache.table("tc_pooled", cfg["backbone_sha256"], adapter_fp, max_length)
+             if feature_cache is not None else {})
+
     def embed(examples: Sequence[TcExample]) -> tuple[np.ndarray, np.ndarray]:
-        x = pooled_embeddings(model, tokenizer, [ex.text for ex in examples], max_length, batch_size, progress)
+        todo = sorted({ex.text for ex in examples} - table.keys())
+        if todo:
+            table.update(zip(todo, pooled_embeddings(model, tokenizer, todo, max_length, batch_size, progress)))
+        if not examples:
+            return np.zeros((0, model.config.hidden_size), np.float32), np.zeros(0, np.int64)
+        x = np.stack([table[ex.text] for ex in examples])  # (n, H)
         return x, np.array([label2id[ex.label] for ex in examples], dtype=np.int64)
 
     x_train, y_train = embed(train)
