@@ -154,6 +154,13 @@ class Manifest:
             raise ManifestError(f"{MANIFEST}: backbone.top and backbone.split_layer go together")
         if self.split_layer is not None and not 0 < self.split_layer < self.num_layers:
             raise ManifestError(f"{MANIFEST}: split_layer {self.split_layer} outside 1..{self.num_layers - 1}")
+        for name, value, hi in (("hidden_size", self.hidden_size, 16384), ("num_layers", self.num_layers, 256),
+                                ("max_positions", self.max_positions, 65536)):
+            if not 1 <= value <= hi:
+                raise ManifestError(f"{MANIFEST}: backbone.{name} {value} is outside 1..{hi}")
+        for s in self.lora_slots:
+            if not (0 <= s.layer < self.num_layers and 1 <= s.in_features <= 65536 and 1 <= s.out_features <= 65536):
+                raise ManifestError(f"{MANIFEST}: LoRA slot {s} has an impossible layer or shape")
         if self.precision not in ("fp32", "int8"):
             raise ManifestError(f"{MANIFEST}: precision {self.precision!r}; expected 'fp32' or 'int8'")
         if not _SHA.match(self.fingerprint):
@@ -298,6 +305,12 @@ def read_manifest(root: Path, verify: bool = True) -> Manifest:
         raise ManifestError(f"{mpath}: not valid JSON ({e})") from None
     manifest = Manifest.from_dict(raw)
     manifest.check_complete()
+    listed = set(manifest.files) | {MANIFEST}
+    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() not in listed)
+    if extra:
+        raise BundleError(f"{root}: files {extra[:5]} are not listed in {MANIFEST}; a bundle holds only "
+                          f"what its manifest lists (re-export, or remove them)")
     if verify:
         for rel, digest in manifest.files.items():
             path = resolve_file(root, rel)

@@ -107,3 +107,127 @@ def test_no_pickle_and_no_eval_in_the_package() -> None:
                         if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                             offenders.append(f"{path}:{node.lineno} torch.load without weights_only=True")
     assert not offenders, "\n".join(offenders)
+
+
+# ---------------------------------------------------------------- tampered bundles
+def _tamper(rt: Runtime, tmp_path: Path) -> Path:
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(rt.path, b)
+    return b
+
+
+def test_unknown_extra_file_is_refused(rt: Runtime, tmp_path: Path) -> None:
+    from mtpf_runtime import BundleError
+
+    b = _tamper(rt, tmp_path)
+    (b / "adapters" / "evil.onnx_adapter").write_bytes(b"x")
+    with pytest.raises(BundleError, match="evil.onnx_adapter.*not listed"):
+        Runtime(b)
+
+
+def test_symlink_escaping_the_bundle_is_refused(rt: Runtime, tmp_path: Path) -> None:
+    import os
+
+    from mtpf_runtime import BundleError
+
+    b = _tamper(rt, tmp_path)
+    outside = tmp_path / "outside.npz"
+    head = b / "heads" / "tc.npz"
+    outside.write_bytes(head.read_bytes())
+    head.unlink()
+    os.symlink(outside, head)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        Runtime(b)
+
+
+def test_truncated_backbone_is_refused_before_loading(rt: Runtime, tmp_path: Path) -> None:
+    from mtpf_runtime import BundleError
+
+    b = _tamper(rt, tmp_path)
+    data = (b / "backbone.onnx").read_bytes()
+    (b / "backbone.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="backbone.onnx.*sha256"):
+        Runtime(b)
+
+
+@pytest.mark.parametrize("edit", ["hidden", "labels", "layers", "max_length"])
+def test_absurd_declared_shapes_are_refused(rt: Runtime, tmp_path: Path, edit: str) -> None:
+    import json
+
+    from mtpf_runtime import ManifestError
+
+    b = _tamper(rt, tmp_path)
+    m = json.loads((b / "manifest.json").read_text())
+    if edit == "hidden":
+        m["backbone"]["hidden_size"] = 10**9
+    elif edit == "labels":
+        m["tasks"]["tc"]["labels"] = [f"l{i}" for i in range(200_000)]
+    elif edit == "layers":
+        m["backbone"]["lora_slots"][0]["in"] = -3
+    else:
+        m["tasks"]["tc"]["max_length"] = 10**7
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError):
+        Runtime(b)
+
+
+# ---------------------------------------------------------------- concurrency soak
+def test_threads_mixed_requests_match_serial_without_leaking(rt: Runtime) -> None:
+    """8 threads x 2,000 mixed requests over 3 tasks: identical to serial, RSS flat."""
+    import random
+    import threading
+
+    psutil = pytest.importorskip("psutil")
+    from mtpf_export.bundle import export_bundle  # noqa: F401  (bundle already built)
+
+    rnd = random.Random(0)
+    words = ["Peter", "met", "Paula", "in", "Paris", "the", "bank", "rose", "😀", "", "  "]
+    texts = [" ".join(rnd.choice(words) for _ in range(rnd.randint(0, 12))) for _ in range(50)]
+    calls = [("tag", "ner"), ("classify", "tc"), ("analyze", None)]
+    reqs = [(rnd.choice(calls), rnd.choice(texts)) for _ in range(2000)]
+
+    def do(req):
+        (fn, task), text = req
+        if fn == "analyze":
+            return rt.analyze(text, ["ner", "tc"])
+        return getattr(rt, fn)(text, task=task)
+
+    serial = {i: do(r) for i, r in enumerate(reqs[:200])}
+    proc = psutil.Process()
+    rss: list[int] = []
+    errors: list[BaseException] = []
+    mismatches = []
+
+    def worker(k: int) -> None:
+        try:
+            for j in range(2000):
+                i = (k * 251 + j) % len(reqs)
+                got = do(reqs[i])
+                if i in serial and _key(got) != _key(serial[i]):
+                    mismatches.append(i)
+                if k == 0 and j % 100 == 0:
+                    rss.append(proc.memory_info().rss)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert not mismatches, mismatches[:10]
+    q = max(1, len(rss) // 4)
+    first, last = sum(rss[:q]) / q, sum(rss[-q:]) / q
+    assert last < first * 1.05, f"RSS grew from {first / 1e6:.0f} MB to {last / 1e6:.0f} MB"
+
+
+def _key(result):
+    """Labels and offsets: what must be identical (INT8 scores may differ by batch, not here: batch 1)."""
+    if isinstance(result, dict):
+        return {k: _key(v) for k, v in result.items()}
+    if isinstance(result, list):
+        return [(e.start, e.end, e.label, round(e.score, 6)) for e in result]
+    return (result.label, round(result.score, 6))

@@ -567,7 +567,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         "base_path": str(base_dir), "max_length": max_length, "world_size": world, "adapters":
         {t: ADAPTERS[t] for t in cfg.tasks} if cfg.mode == "tpl" else {}, **placement,
         "optimizer": "AdamW per group (backbone; NER head + pf_ner; pf_tc), each task's only on its steps",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": {"torch": str(torch.__version__), "transformers": transformers.__version__, "peft": peft.__version__},
     }
     log.info("pretrain %s -> %s: %s", cfg.mode, out, json.dumps(resolved["config"]))
 
@@ -594,7 +594,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     opts = build_optimizers(student, cfg)
     start, history = 0, []
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = torch.load(state_path, map_location=device, weights_only=True)  # no pickled code
         if _comparable(state["resolved"]) != _comparable(resolved):
             diff = {k: (v, _comparable(resolved).get(k)) for k, v in _comparable(state["resolved"]).items()
                     if _comparable(resolved).get(k) != v}
