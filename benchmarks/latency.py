@@ -64,6 +64,7 @@ TARGETS = {  # name -> (comparison, bound, what it means)
     "rss_k_over_merged1": ("<=", 1.15, "mtpf RSS with 8 tasks / one merged INT8 model"),
     "merged_k_over_mtpf": (">=", 3.0, "8 merged sessions RSS / mtpf RSS with 8 tasks"),
     "throughput_b32": (">=", 0.95, "mtpf throughput / floor, batch 32, all cores"),
+    "shared_trunk": ("<=", 0.70, "analyze(tag + classify) / two separate calls, same text, batch 1, 1 thread"),
 }
 # Common English words; those the tokenizer keeps as one word piece build exact-length texts.
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which "
@@ -270,7 +271,44 @@ def worker_paired(spec: dict, p: Params) -> dict:
     return {"mode": mode, "tasks": out}
 
 
-WORKERS = {"latency": worker_latency, "memory": worker_memory, "switch": worker_switch, "paired": worker_paired}
+def worker_multitask(spec: dict, p: Params) -> dict:
+    """Shared trunk and mixed batches, interleaved in one session.
+
+    ``analyze``: tag + classify of one text (seq 64, batch 1, 1 thread) through
+    ``Runtime.analyze`` against the two separate calls. ``mixed``: 32 rows alternating the
+    two tasks through ``run_mixed`` against the caller grouping them by task (all cores).
+    """
+    tok = _tokenizer(spec["bundle"])
+    (tn, _), (tc, _) = spec["pair"]  # (ner task, tc task)
+    out = {}
+    for mode, threads in (("analyze", 1), ("mixed", n_threads("all"))):
+        rt = open_engine({**spec, "engine": "mtpf"}, threads, batch_size=THROUGHPUT_BATCH)
+        if mode == "analyze":
+            text = piece_texts(tok, 64, 1)[0]
+            fa = lambda: rt.analyze(text, [tn, tc])  # noqa: E731
+            fb = lambda: (rt.tag(text, task=tn), rt.classify(text, task=tc))  # noqa: E731
+        else:
+            texts = piece_texts(tok, 64, THROUGHPUT_BATCH)
+            reqs = [(t, tn if i % 2 == 0 else tc) for i, t in enumerate(texts)]
+            fa = lambda: rt.run_mixed(reqs)  # noqa: E731
+            fb = lambda: (rt.tag([t for t, k in reqs if k == tn], task=tn),  # noqa: E731
+                          rt.classify([t for t, k in reqs if k == tc], task=tc))
+        fa(), fb()
+        ta, tb = [], []
+        rounds = p.paired_rounds if mode == "analyze" else p.throughput_rounds
+        for r in range(rounds):
+            for f, sink in ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta)):
+                t = time.perf_counter()
+                f()
+                sink.append((time.perf_counter() - t) * 1e3)
+        ma, mb = float(np.median(ta)), float(np.median(tb))
+        out[mode] = {"threads": threads, "n": rounds, "combined_p50_ms": ma, "separate_p50_ms": mb,
+                     "ratio": ma / mb, "shared_trunk": rt._top is not None}
+    return out
+
+
+WORKERS = {"latency": worker_latency, "memory": worker_memory, "switch": worker_switch, "paired": worker_paired,
+           "multitask": worker_multitask}
 
 
 def run_worker(spec: dict) -> dict:
@@ -447,6 +485,12 @@ def markdown(res: dict) -> str:
             f"head): " + ", ".join(f"{n} {_f(v, 0)} KB" for n, v in sorted(d["per_task_kb"].items()))]
     if d["merged_mb"]:
         out += [f"- merged models: " + ", ".join(f"{n} {_f(v, 2)} MB" for n, v in sorted(d["merged_mb"].items()))]
+    if res.get("multitask"):
+        out += ["", "## Several tasks per text, mixed-task batches (interleaved in one session)", ""]
+        out += _table(["measurement", "threads", "combined p50 ms", "separate p50 ms", "ratio"],
+                      [[name, str(x["threads"]), _f(x["combined_p50_ms"], 2), _f(x["separate_p50_ms"], 2),
+                        _f(x["ratio"], 3)] for name, x in res["multitask"].items()
+                       if isinstance(x, dict) and "ratio" in x])
     if res["switch"]:
         out += ["", "## Task switching (batch 1, 1 thread; blocks A A A A / B B B B / A B A B interleaved)", ""]
         out += _table(["engine", "pair", "seq", "repeat ms", "alternate ms", "switch cost ms"],
@@ -662,6 +706,15 @@ def main(argv: list[str] | None = None) -> int:
         if r:
             paired[mode] = r
 
+    multitask = {}
+    if plan["tc"] and plan["ner"]:
+        r = run({**common, "kind_of_run": "multitask", "engine": "mtpf",
+                 "pair": [[plan["ner"], "ner"], [plan["tc"], "tc"]]})
+        if r:
+            multitask = r
+    else:
+        notes.append("needs one NER and one TC task: no shared-trunk / mixed-batch measurement")
+
     # ---- ratios and targets
     def mem_of(engine: str, k: int) -> dict | None:
         return next((x for x in memory if x["engine"] == engine and x["k"] == k), None)
@@ -686,6 +739,12 @@ def main(argv: list[str] | None = None) -> int:
                            "per_task": {n: x["ratio"] for n, x in tp.items()},
                            "what": "mtpf texts/s / floor texts/s, batch 32, seq 128, all cores (worst task kind)"},
     }
+    ratios["shared_trunk"] = {"value": multitask.get("analyze", {}).get("ratio", float("nan")),
+                              "what": "Runtime.analyze(text, [ner, tc]) p50 / (tag + classify) p50, seq 64, "
+                                      "batch 1, 1 thread (6-layer model, k = 2: layer count alone gives 0.67)"}
+    ratios["mixed_batch"] = {"value": multitask.get("mixed", {}).get("ratio", float("nan")),
+                             "what": "run_mixed over 32 rows of two tasks / grouping by task outside "
+                                     "(time ratio; < 1 is faster)"}
     if mem_of("mtpf", 1) and mt and kmax > 1:
         ratios["rss_per_extra_task_mb"] = {"value": (mt["model_mb"] - mem_of("mtpf", 1)["model_mb"]) / (kmax - 1),
                                            "what": "RSS each further task adds to mtpf"}
@@ -713,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                "params": asdict(p), "machine": mach, "tasks": {"order": order, **{k: plan[k] for k in ("tc", "ner")},
                                                               "pair": list(plan["pair"])},
                "latency": latency, "workers": workers, "memory": memory, "disk": disk, "switch": switch,
-               "paired": paired, "ratios": ratios, "targets": targets, "notes": notes, "errors": run.errors,
+               "paired": paired, "multitask": multitask, "ratios": ratios, "targets": targets, "notes": notes, "errors": run.errors,
                "elapsed_s": time.time() - t_all}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     notes += plots(results, out)
