@@ -59,7 +59,7 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
     """A one-task bundle whose backbone has ``task``'s adapter merged in (no LoRA inputs)."""
     from safetensors.numpy import save_file
 
-    from mtpf_export.bundle import read_checkpoint_tasks, read_lora
+    from mtpf_export.bundle import fp32_keep_nodes, read_checkpoint_tasks, read_lora
     from mtpf_export.graph import build_backbone, load_weights
     from mtpf_export.quantize import quantize_backbone
 
@@ -79,7 +79,9 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
         model, slots = build_backbone(bdir, [])
         assert not slots
         if precision == "int8":
-            quant = quantize_backbone(model, out / "backbone.onnx", scheme)
+            # The same fp32 exceptions as the mtpf export, so the comparison is like for like.
+            keep = fp32_keep_nodes(cfg["model_type"], int(cfg.get("num_hidden_layers", cfg.get("n_layers"))))
+            quant = quantize_backbone(model, out / "backbone.onnx", scheme, keep)
         elif precision == "fp32":
             import onnx
 

@@ -36,11 +36,17 @@ def _quantize(fp32: onnx.ModelProto, out_path: Path, scheme: str, excluded: list
         )
 
 
-def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-channel") -> dict:
-    """Write the INT8 backbone to ``out_path``; return a description for the manifest."""
+def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-channel",
+                      keep_fp32: list[str] | None = None) -> dict:
+    """Write the INT8 backbone to ``out_path``; return a description for the manifest.
+
+    ``keep_fp32``: names of further MatMul nodes to leave in fp32 (sensitive layers).
+    """
     if scheme not in SCHEMES:
         raise ValueError(f"quantization scheme {scheme!r}; choose from {SCHEMES}")
-    excluded = lora_node_names(fp32)
+    present = {n.name for n in fp32.graph.node}
+    kept = [n for n in (keep_fp32 or []) if n in present]
+    excluded = lora_node_names(fp32) + kept
     # quantize_dynamic logs a pre-processing hint on the root logger; quant_pre_process
     # cannot run on these graphs (symbolic shape inference fails), so the hint is noise.
     root = logging.getLogger()
@@ -58,4 +64,4 @@ def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-
     n_int8 = sum(1 for n in q.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
     return {"method": "onnxruntime.quantize_dynamic", "scheme": scheme, "weight_type": "int8",
             "ops": ["MatMul"], "fp32_kept": ["LoRA MatMuls", "embeddings", "attention score MatMuls"],
-            "int8_matmuls": n_int8}
+            "fp32_matmuls_kept": kept, "int8_matmuls": n_int8}

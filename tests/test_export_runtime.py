@@ -107,7 +107,7 @@ def test_manifest_records_the_self_check(bundles: dict) -> None:
         assert t["checks"]["fp32_max_logit_diff"] <= 1e-3
         assert 0.0 <= t["checks"]["int8_label_agreement"] <= 1.0
     assert m["backbone"]["precision"] == "int8" and m["backbone"]["quantization"]["int8_matmuls"] > 0
-    assert m["schema_version"] == 1 and "onnxruntime" in m["producer"]
+    assert m["schema_version"] == 2 and "onnxruntime" in m["producer"]
 
 
 def test_int8_keeps_lora_inputs_and_differs_from_fp32(bundles: dict) -> None:
@@ -319,8 +319,8 @@ def test_failed_or_interrupted_export_leaves_old_bundle(ckpt: Path, tmp_path: Pa
 def test_broken_fp32_parity_fails_loudly(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
     real = bundle_mod.build_backbone
 
-    def perturbed(backbone_dir, slots):
-        model, s = real(backbone_dir, slots)
+    def perturbed(backbone_dir, slots, **kw):
+        model, s = real(backbone_dir, slots, **kw)
         for init in model.graph.initializer:
             if init.name == "emb.ln.b":
                 from onnx import numpy_helper
@@ -340,7 +340,7 @@ def test_export_cli(ckpt: Path, tmp_path: Path, capsys) -> None:
         export_main(["--help"])
     assert e.value.code == 0
     helptext = capsys.readouterr().out
-    for opt in ("--precision", "--quantization", "--task", "--add", "--sample-file"):
+    for opt in ("--precision", "--quantization", "--keep-fp32", "--task", "--add", "--sample-file"):
         assert opt in helptext
     assert export_main([str(ckpt), str(tmp_path / "b"), "--task", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
