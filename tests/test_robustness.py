@@ -231,3 +231,101 @@ def _key(result):
     if isinstance(result, list):
         return [(e.start, e.end, e.label, round(e.score, 6)) for e in result]
     return (result.label, round(result.score, 6))
+
+
+# ---------------------------------------------------------------- the documented fault table
+def _faults():
+    """(what is injected, how to inject it into a bundle copy). Outcomes are observed, not assumed."""
+    import json
+    import os
+
+    def edit(fn):
+        def apply(b: Path) -> None:
+            m = json.loads((b / "manifest.json").read_text())
+            fn(m)
+            (b / "manifest.json").write_text(json.dumps(m))
+        return apply
+
+    def flip(rel):
+        def apply(b: Path) -> None:
+            data = bytearray((b / rel).read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            (b / rel).write_bytes(bytes(data))
+        return apply
+
+    def symlink_out(b: Path) -> None:
+        outside = b.parent / "outside.npz"
+        outside.write_bytes((b / "heads/tc.npz").read_bytes())
+        (b / "heads/tc.npz").unlink()
+        os.symlink(outside, b / "heads/tc.npz")
+
+    return [
+        ("one flipped byte in an adapter", flip("adapters/ner.onnx_adapter")),
+        ("backbone.onnx truncated to half", lambda b: (b / "backbone.onnx").write_bytes(
+            (b / "backbone.onnx").read_bytes()[: (b / "backbone.onnx").stat().st_size // 2])),
+        ("a head file deleted", lambda b: (b / "heads/tc.npz").unlink()),
+        ("an unlisted extra file", lambda b: (b / "adapters/extra.onnx_adapter").write_bytes(b"x")),
+        ("a head replaced by a symlink to outside the bundle", symlink_out),
+        ("manifest lists a `../` path", edit(lambda m: m["files"].__setitem__("../x", "0" * 64))),
+        ("manifest is not JSON", lambda b: (b / "manifest.json").write_text("{oops")),
+        ("manifest schema_version 99", edit(lambda m: m.__setitem__("schema_version", 99))),
+        ("task made for another backbone (fingerprint edited)",
+         edit(lambda m: m["tasks"]["ner"].__setitem__("backbone_fingerprint", "f" * 64))),
+        ("hidden_size declared as 10^9", edit(lambda m: m["backbone"].__setitem__("hidden_size", 10**9))),
+        ("200,000 labels declared", edit(lambda m: m["tasks"]["tc"].__setitem__("labels", [str(i) for i in range(200_000)]))),
+        ("unknown task kind", edit(lambda m: m["tasks"]["tc"].__setitem__("kind", "qa"))),
+    ]
+
+
+def _inputs(rt: Runtime):
+    return [
+        ("`tag(None)`", lambda: rt.tag(None, task="ner")),
+        ("`tag(b'bytes')`", lambda: rt.tag(b"bytes", task="ner")),
+        ("`classify([])`", lambda: rt.classify([], task="tc")),
+        ("`classify(['ok', 3])`", lambda: rt.classify(["ok", 3], task="tc")),
+        ("`tag(text, task='nope')`", lambda: rt.tag("x", task="nope")),
+        ("`tag` on a classification task", lambda: rt.tag("x", task="tc")),
+        ("`tag('')` and `tag('  \\n')`", lambda: [rt.tag("", task="ner"), rt.tag("  \n", task="ner")]),
+        ("`classify('')`", lambda: type(rt.classify("", task="tc")).__name__),
+        ("a lone surrogate `'\\ud800 Paris'`", lambda: all(
+            "\ud800 Paris"[e.start:e.end] == e.text for e in rt.tag("\ud800 Paris", task="ner"))),
+        ("`run_mixed([('a', 'nope')])`", lambda: rt.run_mixed([("a", "nope")])),
+    ]
+
+
+def _outcome(fn) -> str:
+    try:
+        got = fn()
+    except Exception as e:  # the observed outcome is what the table records
+        import re
+
+        msg = str(e).split(";")[0]
+        msg = re.sub(r"(^|\s)/[^\s:]+", r"\1<path>", msg)  # tmp paths differ per run
+        msg = re.sub(r"[0-9a-f]{64}|[0-9a-f]{12}…", "<sha256>", msg)
+        return f"`{type(e).__name__}`: {msg[:90]}"
+    return f"returns `{got!r}`"[:80]
+
+
+def test_fault_table_in_docs_is_what_the_code_does(rt: Runtime, tmp_path: Path) -> None:
+    """docs/robustness.md's table is regenerated here; set MTPF_WRITE_DOCS=1 to rewrite it."""
+    import os
+    import shutil
+
+    rows = []
+    for i, (what, inject) in enumerate(_faults()):
+        b = tmp_path / f"b{i}"
+        shutil.copytree(rt.path, b)
+        inject(b)
+        rows.append(f"| bundle: {what} | {_outcome(lambda: Runtime(b))} |")
+    for what, call in _inputs(rt):
+        rows.append(f"| input: {what} | {_outcome(call)} |")
+    table = "\n".join(["| injected | what happened |", "|---|---|", *rows])
+    doc = REPO / "docs" / "robustness.md"
+    begin, end = "<!-- fault-table:begin -->", "<!-- fault-table:end -->"
+    text = doc.read_text(encoding="utf-8")
+    new = text.split(begin)[0] + begin + "\n" + table + "\n" + end + text.split(end)[1]
+    if os.environ.get("MTPF_WRITE_DOCS") == "1":
+        doc.write_text(new, encoding="utf-8")
+    assert new == text, "docs/robustness.md is out of date; rerun with MTPF_WRITE_DOCS=1:\n" + table
+    # Every bundle fault is refused before any compute, with an mtpf error.
+    assert all("Error`" in r for r in rows[: len(_faults())])
