@@ -703,21 +703,24 @@ def _parse_value(f: dataclasses.Field, text: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mtpf-pretrain", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="mtpf-pretrain",  # defaults are written into each help text (config defaults, not argparse's)
         description="Multi-task pre-finetuning (MTPF-TPL and baselines) of an encoder into an mtpf checkpoint. "
                     "Under torchrun (WORLD_SIZE > 1) it runs DDP; rank 0 writes.")
     p.add_argument("out", help="checkpoint folder to write")
-    p.add_argument("--base", default="minilm", help="base encoder: 'minilm' or a local HF model folder")
+    p.add_argument("--base", default="minilm", help="base encoder: 'minilm' or a local HF model folder "
+                                                     "(default: minilm)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume/state.pt if present")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for f in dataclasses.fields(PretrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f"{f.metadata['help']} (default: {f.default})")
             continue
         shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        p.add_argument(flag, default=None, metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {shown})")
+        suffix = "" if f.default is None else f" (default: {shown})"
+        p.add_argument(flag, default=None, metavar=f.name.upper(), help=f"{f.metadata['help']}{suffix}")
     return p
 
 
