@@ -158,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
                                    rt.classify(EXAMPLES_TAG[0], task="bbc_news")), 30)
     p50a, _ = _latency_ms(lambda: rt.analyze(EXAMPLES_TAG[0], ["wnut16", "bbc_news"]), 30)
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e6
+    mob = sum(p.stat().st_size for p in (bundle / "mobile").rglob("*") if p.is_file()) / 1e6
     print(f"   cold start (Runtime() to first result): {cold:.0f} ms; first label {first.label}")
     print(f"   latency classify p50 {p50c:.1f} ms / p95 {p95c:.1f} ms; tag p50 {p50t:.1f} ms / p95 {p95t:.1f} ms")
     print(f"   tag + classify of one text: {p50s:.1f} ms as two calls, {p50a:.1f} ms with analyze() "
           f"(shared trunk: ratio {p50a / p50s:.2f})")
-    print(f"   memory: RSS {_rss_mb():.0f} MB ({_rss_mb() - rss0:+.0f} MB for the Runtime); "
-          f"bundle {size:.1f} MB on disk")
+    print(f"   memory: process RSS {_rss_mb():.0f} MB, {_rss_mb() - rss0:+.0f} MB since the Runtime was opened "
+          f"(training ran in this process too: benchmarks/latency.py measures a Runtime alone); "
+          f"bundle {size:.1f} MB on disk, of which mobile/ (ORT format) {mob:.1f} MB")
     print(f"done in {time.time() - t_all:.0f}s: bundle at {bundle}")
     return 0
 
