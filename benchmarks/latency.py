@@ -484,7 +484,7 @@ def markdown(res: dict) -> str:
             f"- bundle {_f(d['bundle_mb'], 2)} MB (backbone {_f(d['backbone_mb'], 2)} MB); per task (adapter + "
             f"head): " + ", ".join(f"{n} {_f(v, 0)} KB" for n, v in sorted(d["per_task_kb"].items()))]
     if d["merged_mb"]:
-        out += [f"- merged models: " + ", ".join(f"{n} {_f(v, 2)} MB" for n, v in sorted(d["merged_mb"].items()))]
+        out += ["- merged models: " + ", ".join(f"{n} {_f(v, 2)} MB" for n, v in sorted(d["merged_mb"].items()))]
     if res.get("multitask"):
         out += ["", "## Several tasks per text, mixed-task batches (interleaved in one session)", ""]
         out += _table(["measurement", "threads", "combined p50 ms", "separate p50 ms", "ratio"],

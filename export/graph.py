@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mtpf_training.arch import Arch, arch_for, graph_input_name
+from mtpf_training.arch import arch_for, graph_input_name
 
 OPSET = 17
 # Large enough that exp() underflows to exactly 0 for padded keys, small enough that

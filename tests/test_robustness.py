@@ -180,7 +180,6 @@ def test_threads_mixed_requests_match_serial_without_leaking(rt: Runtime) -> Non
     import threading
 
     psutil = pytest.importorskip("psutil")
-    from mtpf_export.bundle import export_bundle  # noqa: F401  (bundle already built)
 
     rnd = random.Random(0)
     words = ["Peter", "met", "Paula", "in", "Paris", "the", "bank", "rose", "😀", "", "  "]
