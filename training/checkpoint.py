@@ -15,7 +15,6 @@ reader never sees a half-written artifact.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# One sha256 for the whole project: the runtime (a base dependency) owns it.
+from mtpf_runtime.manifest import sha256_file  # noqa: F401  (re-exported)
 
 SCHEMA = "mtpf-checkpoint/1"
 MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
@@ -46,14 +48,6 @@ def check_name(name: str, what: str = "task") -> str:
             "starting with a letter or digit"
         )
     return name
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_base_model(name_or_path: str | Path) -> Path:

@@ -68,7 +68,7 @@ from typing import Callable
 
 import numpy as np
 
-from mtpf_training.data import DataError, Dataset, NerExample, TcExample
+from mtpf_training.data import DataError, Dataset, NerExample, TcExample, to_iob2
 
 __all__ = ["embedded_datasets", "load_embedded"]
 
@@ -112,20 +112,14 @@ def _require_file(path: Path, requirement: str) -> Path:
 
 
 def _to_iob2(tags: list[str], where: list[str]) -> list[str]:
-    """Validate BIO tags and turn IOB1-style chunk starts (``I-X`` after ``O`` or another
-    type) into ``B-X``. ``where[i]`` names the file and line of tag ``i`` for errors."""
-    out: list[str] = []
-    prev = "O"
+    """Validate BIO tags, then repair IOB1-style chunk starts with :func:`data.to_iob2`.
+    ``where[i]`` names the file and line of tag ``i`` for errors."""
     for tag, loc in zip(tags, where):
         if tag != "O":
             prefix, sep, etype = tag.partition("-")
             if prefix not in ("B", "I") or not sep or not etype:
                 raise DataError(f"{loc}: invalid tag {tag!r} (expected O, B-<type> or I-<type>)")
-            if prefix == "I" and (prev == "O" or prev[2:] != etype):
-                tag = "B-" + etype
-        out.append(tag)
-        prev = tag
-    return out
+    return list(to_iob2(tags))
 
 
 def _read_conll(path: Path) -> tuple[NerExample, ...]:
