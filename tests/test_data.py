@@ -226,6 +226,69 @@ def test_jsonl_tc_and_csv(tmp_path: Path) -> None:
         read_csv_tc(p)
 
 
+# ----------------------------------------------------------------------------- encodings
+# Every reader of user files (and the registry readers, which take any data root) goes
+# through one decoder; each is tested here on its own so a reader that ever reads bytes
+# another way is caught. Line 2 holds the only non-ASCII text, "Zoë".
+
+def _read_raw(path: Path) -> list:
+    return load_raw_sentences("brown", root=path.parents[2])
+
+
+def _read_pairs(path: Path) -> list:
+    return load_pairs("wordnet_gloss", root=path.parents[2])
+
+
+ENCODING_READERS = {  # reader, file path under tmp_path, UTF-8 text
+    "conll": (read_conll, "user.conll", "Hi\tO\nZoë\tB-PER\n"),
+    "jsonl_ner": (read_jsonl_ner, "user.jsonl", '{"tokens": ["Hi"], "tags": ["O"]}\n'
+                  '{"tokens": ["Zoë"], "tags": ["B-PER"]}\n'),
+    "jsonl_tc": (read_jsonl_tc, "user.jsonl", '{"text": "Hi", "label": "a"}\n{"text": "Zoë", "label": "b"}\n'),
+    "csv": (read_csv_tc, "user.csv", "text,label\nZoë,b\n"),
+    "raw": (_read_raw, "raw/brown/sentences.txt", "Hi there.\nZoë ran.\n"),
+    "pairs": (_read_pairs, "pairs/wordnet_gloss/pairs.tsv", "word\tgloss\nZoë\ta name\n"),
+}
+
+
+@pytest.mark.parametrize("reader", sorted(ENCODING_READERS))
+def test_every_reader_refuses_files_that_are_not_utf8(reader: str, tmp_path: Path) -> None:
+    read, rel, text = ENCODING_READERS[reader]
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    expected = read(_write(path, text))
+
+    # UTF-16 with its byte order mark (what "Save as Unicode" writes): refused at line 1.
+    for encoding, name in (("utf-16-le", "UTF-16 LE"), ("utf-16-be", "UTF-16 BE")):
+        bom = "\ufeff".encode(encoding)
+        _write(path, bom + text.encode(encoding))
+        with pytest.raises(DataError) as exc:
+            read(path)
+        assert str(exc.value).startswith(f"{path}:1: the file is {name} (byte order mark {bom.hex(' ')} "
+                                         "at byte offset 0), not UTF-8; expected UTF-8 text"), exc.value
+
+    # UTF-16 without a byte order mark decodes as "valid" UTF-8 full of NULs: refused too.
+    _write(path, text.encode("utf-16-le"))
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: NUL byte at byte offset 1: the file is not UTF-8")):
+        read(path)
+
+    # Latin-1: the "ë" byte is invalid UTF-8; the line and byte offset point at it.
+    raw = text.encode("latin-1")
+    _write(path, raw)
+    with pytest.raises(DataError) as exc:
+        read(path)
+    offset = raw.index(b"\xeb")
+    assert str(exc.value).startswith(f"{path}:2: invalid UTF-8 byte 0xeb at byte offset {offset}: "
+                                     "the file is not UTF-8"), exc.value
+
+    # A UTF-8 byte order mark is accepted and dropped: the same examples as without it
+    # (it never becomes part of the first token, JSON object or CSV header).
+    _write(path, b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert read(path) == expected
+    _write(path, b"\xef\xbb\xbf" + raw)  # ... and the offset still counts from the file's start
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: invalid UTF-8 byte 0xeb at byte offset {offset + 3}:")):
+        read(path)
+
+
 def test_load_user_dataset(tmp_path: Path) -> None:
     tr = _write(tmp_path / "train.csv", "text,label\na,pos\nb,neg\n")
     te = _write(tmp_path / "test.jsonl", '{"text": "c", "label": "pos"}\n')

@@ -18,8 +18,12 @@ Generic user formats
 * **JSONL TC** (``.jsonl``): one object per line, ``{"text": "...", "label": "..."}``.
 * **CSV TC** (``.csv``): header row required; columns ``text`` and ``label`` by default.
 
-All files are UTF-8 (a BOM is accepted, CRLF line ends too).  Any problem raises
-:class:`DataError` naming the file, the 1-based line, what was wrong and what was expected.
+All files are UTF-8; CRLF line ends are accepted, and so is a UTF-8 byte order mark (what
+Windows tools write as "UTF-8 with BOM"), which is dropped.  UTF-16/UTF-32 files (with a
+BOM, or recognised by NUL bytes) and anything that is not valid UTF-8 (Latin-1,
+Windows-1252) are refused, never guessed.  Any problem raises :class:`DataError` naming the
+file, the 1-based line (and the byte offset for encoding errors), what was wrong and what
+was expected.
 
 Splits
 ------
@@ -110,27 +114,54 @@ def data_root() -> Path:
 
 # --------------------------------------------------------------------------- reading
 
+# Byte order marks of the encodings a "Save as Unicode" produces; UTF-32 LE first, since
+# its mark begins with UTF-16 LE's.
+_FOREIGN_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 LE"), (b"\x00\x00\xfe\xff", "UTF-32 BE"),
+                 (b"\xff\xfe", "UTF-16 LE"), (b"\xfe\xff", "UTF-16 BE"))
+_CONVERT = "UTF-8 text (convert it, e.g. iconv -f {src} -t UTF-8 IN > OUT)"
+
+
+def _decode(raw: bytes, path: Path, latin1: bool) -> str:
+    """UTF-8 text of ``raw`` (a UTF-8 BOM is dropped); anything else is a DataError.
+
+    A UTF-8 BOM is accepted because Windows tools ("UTF-8 with BOM", Excel's "CSV UTF-8")
+    write it; it never reaches the first token or the CSV header. UTF-16/32 (with a BOM,
+    or betrayed by NUL bytes) and invalid UTF-8 name the line and byte offset and say the
+    file is not UTF-8: decoding them as something else would feed mojibake to training.
+    ``latin1`` (only for files SOURCES.md lists as Latin-1) decodes invalid UTF-8 as Latin-1.
+    """
+    for bom, name in _FOREIGN_BOMS:
+        if raw.startswith(bom):
+            raise _err(path, 1, f"the file is {name} (byte order mark {bom.hex(' ')} at byte offset 0), "
+                       "not UTF-8", _CONVERT.format(src=name.split()[0]))
+    skipped = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    raw = raw[skipped:]
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise _err(path, raw[:nul].count(b"\n") + 1,
+                   f"NUL byte at byte offset {nul + skipped}: the file is not UTF-8 text "
+                   "(UTF-16 or UTF-32 without a byte order mark?)", _CONVERT.format(src="UTF-16"))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if latin1:
+            return raw.decode("latin-1")
+        line = raw[: exc.start].count(b"\n") + 1
+        raise _err(path, line, f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte offset "
+                   f"{exc.start + skipped}: the file is not UTF-8 (Windows-1252 or Latin-1?)",
+                   _CONVERT.format(src="WINDOWS-1252")) from None
+
+
 def _read_lines(path: Path | str, latin1: bool = False) -> list[str]:
     """Decode a text file into lines (BOM, CRLF, missing final newline handled).
 
-    UTF-8 is required unless ``latin1`` is set (only for files SOURCES.md lists as
-    Latin-1), so silent mojibake cannot creep into user data.
+    UTF-8 is required unless ``latin1`` is set (see :func:`_decode`), so silent mojibake
+    cannot creep into user data.
     """
     path = Path(path)
     if not path.is_file():
         raise _err(path, None, "file not found", "an existing file")
-    raw = path.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not latin1:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise _err(path, line, f"invalid UTF-8 byte {raw[exc.start:exc.start + 1]!r}",
-                       "UTF-8 text") from None
-        text = raw.decode("latin-1")
-    lines = text.split("\n")
+    lines = _decode(path.read_bytes(), path, latin1).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
