@@ -630,7 +630,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from .merged import build_merged_bundle
 
-        ck_key = {"source": src, "tasks": {n: _task_key(ckpt, n) for n in order}}
+        q = m.quantization
+        # Rebuild the K-task bundles and merged models with the bundle's own INT8 recipe.
+        recipe = {"scheme": q.get("scheme", "per-channel"), "keep_fp32": q.get("fp32_preset", "ffn"),
+                  "embeddings": q.get("embeddings", "fp32")}
+        ck_key = {"source": src, "tasks": {n: _task_key(ckpt, n) for n in order}, "recipe": recipe}
         _log(f"== artifacts: K-task bundles {ks}, merged models (cached in {work})")
         for k in ks:
             if set(order[:k]) == set(m.tasks):
@@ -638,8 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             dest = work / f"bundle_k{k}"
             k_bundles[k] = _cached(dest, {**ck_key, "tasks": order[:k], "precision": m.precision}, lambda d=dest, k=k:
-                                   export_bundle(ckpt, d, precision=m.precision, tasks=order[:k],
-                                                 scheme=m.quantization.get("scheme", "per-channel"),
+                                   export_bundle(ckpt, d, precision=m.precision, tasks=order[:k], **recipe,
                                                  log=lambda *a: None))
         need = list(dict.fromkeys(order[: max(ks)] + [x for x in (plan["tc"], plan["ner"]) if x] + list(plan["pair"])))
         for n in need:
@@ -647,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             merged[n] = str(_cached(dest, {**ck_key, "task": n, "precision": m.precision}, lambda d=dest, n=n:
                                     build_merged_bundle(ckpt, n, d, precision=m.precision,
-                                                        scheme=m.quantization.get("scheme", "per-channel"))))
+                                                        scheme=recipe["scheme"], embeddings=recipe["embeddings"],
+                                                        keep_fp32=m.quantization.get("fp32_matmuls_kept"))))
             _log(f"   merged {n}: {time.time() - t0:.1f}s")
     else:
         k_bundles[len(order)] = bundle

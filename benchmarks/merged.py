@@ -55,11 +55,17 @@ def merge_lora(weights: dict[str, np.ndarray], lora: dict, model_type: str) -> d
 
 
 def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "int8",
-                        scheme: str = "per-channel") -> Path:
-    """A one-task bundle whose backbone has ``task``'s adapter merged in (no LoRA inputs)."""
+                        scheme: str = "per-channel", keep_fp32: list[str] | None = None,
+                        embeddings: str = "fp32") -> Path:
+    """A one-task bundle whose backbone has ``task``'s adapter merged in (no LoRA inputs).
+
+    ``scheme``, ``keep_fp32`` (MatMul node names; None: the export default) and ``embeddings``
+    should be the mtpf bundle's own recipe (its manifest's ``quantization``), so the two are
+    quantized alike.
+    """
     from safetensors.numpy import save_file
 
-    from mtpf_export.bundle import fp32_keep_nodes, read_checkpoint_tasks, read_lora
+    from mtpf_export.bundle import SAMPLE_TEXTS, _calibration_feeds, fp32_keep_nodes, read_checkpoint_tasks, read_lora
     from mtpf_export.graph import build_backbone, load_weights
     from mtpf_export.quantize import quantize_backbone
 
@@ -72,6 +78,7 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
     if out.exists():
         shutil.rmtree(out)
     (out / "heads").mkdir(parents=True)
+    special = _copy_tokenizer(ckpt / "backbone" / "tokenizer.json", out / "tokenizer.json")
     with tempfile.TemporaryDirectory(prefix="mtpf-merged-") as tmp:
         bdir = Path(tmp)
         save_file(weights, str(bdir / "model.safetensors"))
@@ -79,9 +86,15 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
         model, slots = build_backbone(bdir, [])
         assert not slots
         if precision == "int8":
-            # The same fp32 exceptions as the mtpf export, so the comparison is like for like.
-            keep = fp32_keep_nodes(cfg["model_type"], int(cfg.get("num_hidden_layers", cfg.get("n_layers"))))
-            quant = quantize_backbone(model, out / "backbone.onnx", scheme, keep)
+            # The same recipe as the mtpf export, so the comparison is like for like.
+            keep = keep_fp32 if keep_fp32 is not None else \
+                fp32_keep_nodes(cfg["model_type"], int(cfg.get("num_hidden_layers", cfg.get("n_layers"))))
+            calib = None
+            if scheme == "static":
+                calib = _calibration_feeds(ckpt / "backbone" / "tokenizer.json", SAMPLE_TEXTS,
+                                           special, int(cfg["max_position_embeddings"]))
+            quant = quantize_backbone(model, out / "backbone.onnx", scheme, keep, embeddings=embeddings,
+                                      calibration=calib)
         elif precision == "fp32":
             import onnx
 
@@ -89,7 +102,6 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
             quant = {}
         else:
             raise ValueError(f"precision {precision!r}; choose int8 or fp32")
-    special = _copy_tokenizer(ckpt / "backbone" / "tokenizer.json", out / "tokenizer.json")
     np.savez(out / "heads" / f"{t.name}.npz", weight=t.head_weight, bias=t.head_bias)
     fingerprint = sha256_file(out / "backbone.onnx")
     spec = TaskSpec(t.name, t.kind, t.labels, t.max_length, f"heads/{t.name}.npz", None, fingerprint,

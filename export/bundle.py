@@ -26,22 +26,58 @@ from mtpf_runtime.manifest import (
 from mtpf_training.arch import arch_for, parse_lora_key
 
 from .graph import build_backbone
-from .quantize import quantize_backbone
+from .quantize import SCHEMES, matmul_errors, quantize_backbone
 
 FP32_PARITY_TOL = 1e-3  # max |logit difference| the fp32 export may show against torch
-# Which weight MatMuls stay fp32 in an INT8 export (logical LoRA-slot names, every layer).
-# Measured on MiniLM trained on CoNLL-2003 + SST-2 (300 test sentences each, docs/design.md):
-# all INT8 -> 97.8% token / 97.3% sentence label agreement with fp32; FFN out fp32 -> 98.1 /
-# 99.3; both FFN matrices fp32 -> 98.9 / 98.3. The FFN matrices read GELU outputs and
-# their dynamic per-tensor activation scale is where INT8 loses most.
+# Which weight MatMuls stay fp32 in an INT8 export, by logical LoRA-slot name in every layer.
+# The study behind the default is docs/quantization.md (benchmarks/quality.py).
 FP32_PRESETS = {"none": (), "ffn_out": ("ffn_out",), "ffn": ("ffn_in", "ffn_out")}
 DEFAULT_FP32 = "ffn"
+DEFAULT_EMBEDDINGS = "fp32"
 
 
-def fp32_keep_nodes(model_type: str, n_layers: int, preset: str = DEFAULT_FP32) -> list[str]:
-    """Graph node names of the weight MatMuls a preset keeps in fp32."""
+def keep_fp32_help() -> str:
+    return (f"a preset ({', '.join(FP32_PRESETS)}), 'auto:N' (the N weight MatMuls whose output dynamic "
+            f"INT8 changes most on the sample texts), or a comma list of target[@layer] items from "
+            f"query,key,value,attn_out,ffn_in,ffn_out (e.g. 'ffn_out@5,ffn_in@5')")
+
+
+def fp32_keep_nodes(model_type: str, n_layers: int, spec: str = DEFAULT_FP32, *,
+                    errors: dict[str, float] | None = None) -> list[str]:
+    """Graph node names of the weight MatMuls that ``spec`` keeps in fp32.
+
+    ``errors`` (node -> sensitivity, ``quantize.matmul_errors``) is needed for ``auto:N``.
+    """
     arch = arch_for(model_type)
-    return [f"{arch.layers}.{i}.{arch.modules[t]}.matmul" for i in range(n_layers) for t in FP32_PRESETS[preset]]
+
+    def node(layer: int, target: str) -> str:
+        return f"{arch.layers}.{layer}.{arch.modules[target]}.matmul"
+
+    spec = spec.strip()
+    if spec in FP32_PRESETS:
+        return [node(i, t) for i in range(n_layers) for t in FP32_PRESETS[spec]]
+    if spec.startswith("auto:"):
+        try:
+            n = int(spec[5:])
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ExportError(f"keep_fp32 {spec!r}: auto needs a count, e.g. auto:4")
+        if errors is None:
+            raise ExportError(f"keep_fp32 {spec!r} needs the MatMul sensitivities (matmul_errors)")
+        return sorted(errors, key=lambda k: -errors[k])[:n]
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        target, _, layer = item.partition("@")
+        if target not in arch.modules:
+            raise ExportError(f"keep_fp32 {spec!r}: unknown target {target!r}; {keep_fp32_help()}")
+        if layer and not (layer.isdigit() and int(layer) < n_layers):
+            raise ExportError(f"keep_fp32 {spec!r}: layer {layer!r} is not in 0..{n_layers - 1}")
+        out += [node(int(layer), target)] if layer else [node(i, target) for i in range(n_layers)]
+    if not out:
+        raise ExportError(f"keep_fp32 {spec!r}: {keep_fp32_help()}")
+    return list(dict.fromkeys(out))
+
 
 SAMPLE_TEXTS = [
     "EU rejects German call to boycott British lamb.",
@@ -307,6 +343,26 @@ def _runtime_logits(bundle: Path, tasks: list[CkptTask], token_rows: list[list[i
     return out
 
 
+def _calibration_feeds(tokenizer_json: Path, sample_texts: list[str], special: dict,
+                       max_positions: int) -> list[dict[str, np.ndarray]]:
+    """One feed per sample text (batch 1, no padding): static calibration and sensitivities."""
+    feeds = []
+    for row in _sample_rows(tokenizer_json, sample_texts):
+        ids = np.array([[special["cls"], *row[: max_positions - 2], special["sep"]]], np.int64)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return feeds
+
+
+def _trunk_feeds(fp32_full: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(fp32_full.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return [{"trunk_hidden": sess.run(["trunk_hidden"], f)[0], "attention_mask": f["attention_mask"]}
+            for f in feeds]
+
+
 def _sample_rows(tokenizer_json: Path, sample_texts: list[str]) -> list[list[int]]:
     from tokenizers import Tokenizer
 
@@ -318,19 +374,23 @@ def _sample_rows(tokenizer_json: Path, sample_texts: list[str]) -> list[list[int
 def export_bundle(
     ckpt: Path, out: Path, *, precision: str = "int8", scheme: str = "per-channel",
     tasks: list[str] | None = None, add_to: bool = False, sample_texts: list[str] | None = None,
-    ort_format: bool = True, keep_fp32: str = DEFAULT_FP32, log=print,
+    ort_format: bool = True, keep_fp32: str = DEFAULT_FP32, embeddings: str = DEFAULT_EMBEDDINGS, log=print,
 ) -> Manifest:
     """Export ``tasks`` of checkpoint ``ckpt`` to bundle ``out``.
 
     ``add_to``: add (or replace) these tasks in the existing bundle ``out`` without
     rebuilding its backbone; the checkpoint's backbone weights must be the ones the
     bundle was built from.
+    INT8 recipe: ``scheme`` (per-channel, per-tensor, static), ``keep_fp32`` (see
+    ``fp32_keep_nodes``), ``embeddings`` (fp32 or int8 per-row word-embedding table).
     """
     ckpt, out = Path(ckpt), Path(out)
     if precision not in ("int8", "fp32"):
         raise ExportError(f"precision {precision!r}; choose int8 or fp32")
-    if keep_fp32 not in FP32_PRESETS:
-        raise ExportError(f"keep_fp32 {keep_fp32!r}; choose from {sorted(FP32_PRESETS)}")
+    if scheme not in SCHEMES:
+        raise ExportError(f"quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    if embeddings not in ("fp32", "int8"):
+        raise ExportError(f"embeddings {embeddings!r}; choose fp32 or int8")
     recover(out)
     t0 = time.time()
     cfg = json.loads((ckpt / "backbone" / "config.json").read_text()) if (ckpt / "backbone" / "config.json").is_file() else None
@@ -382,13 +442,23 @@ def export_bundle(
                 graphs["top.onnx"] = build_backbone(ckpt / "backbone", slots, part="top", split_layer=split)[0]
             special = _tokenizer_info(ckpt / "backbone", stage / "tokenizer.json")
             quant = {}
-            keep = fp32_keep_nodes(model_type, cfg.get("num_hidden_layers", cfg.get("n_layers")), keep_fp32)
+            if precision == "int8":
+                n_layers = cfg.get("num_hidden_layers", cfg.get("n_layers"))
+                feeds = _calibration_feeds(stage / "tokenizer.json", samples, special, cfg["max_position_embeddings"])
+                errors = matmul_errors(fp32_model, feeds) if keep_fp32.startswith("auto:") else None
+                keep = fp32_keep_nodes(model_type, n_layers, keep_fp32, errors=errors)
             for fname, graph in graphs.items():
-                if precision == "int8":
-                    quant = quantize_backbone(graph, stage / fname, scheme, keep)
-                    quant["fp32_preset"] = keep_fp32
-                else:
+                if precision != "int8":
                     onnx.save(graph, stage / fname)
+                    continue
+                calib = None
+                if scheme == "static":  # top.onnx calibrates on the trunk states the full graph makes
+                    calib = _trunk_feeds(fp32_model, feeds) if fname == "top.onnx" else feeds
+                q = quantize_backbone(graph, stage / fname, scheme, keep, embeddings=embeddings, calibration=calib)
+                if fname == "backbone.onnx":
+                    quant = {**q, "fp32_preset": keep_fp32}
+                    if errors is not None:
+                        quant["matmul_int8_errors"] = {k: round(v, 6) for k, v in errors.items()}
             mobile = write_ort_format(stage, list(graphs)) if ort_format else {}
             fingerprint = sha256_file(stage / "backbone.onnx")
             specs = {}

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bundle import ExportError, export_bundle
+from .bundle import DEFAULT_EMBEDDINGS, DEFAULT_FP32, ExportError, export_bundle, keep_fp32_help
+from .quantize import SCHEMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,11 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="bundle folder to write (replaced atomically if it exists)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8",
                    help="backbone weights: dynamic INT8 (mobile default) or fp32 (reference)")
-    p.add_argument("--quantization", choices=["per-channel", "per-tensor"], default="per-channel",
-                   help="INT8 weight scales: per output channel (more accurate) or one per tensor")
-    p.add_argument("--keep-fp32", choices=["none", "ffn_out", "ffn"], default="ffn",
-                   help="INT8 only: weight MatMuls left in fp32 in every layer (ffn = both FFN matrices, "
-                        "which hold label agreement with fp32 >= 98%% on MiniLM; none = smallest file)")
+    p.add_argument("--quantization", choices=list(SCHEMES), default="per-channel",
+                   help="INT8 scheme: dynamic with per-output-channel weight scales, dynamic per-tensor, or "
+                        "static QDQ (activation ranges calibrated on the sample texts)")
+    p.add_argument("--keep-fp32", default=DEFAULT_FP32, metavar="SPEC",
+                   help="INT8 only: weight MatMuls left in fp32: " + keep_fp32_help().replace("%", "%%")
+                        + "; docs/quantization.md has the measurements behind the default")
+    p.add_argument("--embeddings", choices=["fp32", "int8"], default=DEFAULT_EMBEDDINGS,
+                   help="INT8 only: word-embedding table in fp32 or INT8 with one scale per row")
     p.add_argument("--task", action="append", dest="tasks", metavar="NAME",
                    help="export only this task (repeatable); default: every task in the checkpoint")
     p.add_argument("--add", action="store_true",
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_bundle(args.checkpoint, args.out, precision=args.precision, scheme=args.quantization,
                       tasks=args.tasks, add_to=args.add, sample_texts=samples,
-                      ort_format=not args.no_ort_format, keep_fp32=args.keep_fp32)
+                      ort_format=not args.no_ort_format, keep_fp32=args.keep_fp32,
+                      embeddings=args.embeddings)
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"mtpf-export: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,223 @@
+"""INT8 quality: every task's metric through each quantization recipe, against its fp32 export.
+
+For a trained checkpoint, each recipe (a scheme, the MatMuls kept fp32, the embedding table)
+is exported as a bundle and every task is scored through the real ``Runtime`` on its data
+set's dev and test splits: seqeval strict entity F1 for NER (``Runtime.tag`` on the words
+joined by spaces, entities mapped back to word tags), accuracy for classification
+(``Runtime.classify``). The fp32 export is the reference; the gap is recipe minus fp32, in
+points. Pick recipes on dev, report test.
+
+    python -m mtpf_benchmarks.quality --checkpoint ckpt/ --out runs/quality
+    python -m mtpf_benchmarks.quality --checkpoint ckpt/ --recipe int8-ffn --recipe int8-auto4-emb8
+
+Writes ``results.json`` and ``results.md`` (the table of docs/quantization.md) in ``--out``.
+The checkpoint's tasks must name a registered (../shared/data) or embedded data set in their
+``dataset`` field, as ``mtpf-adapt`` writes it; other tasks are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# name -> export_bundle keyword arguments. "fp32" is the reference every gap is taken against.
+RECIPES: dict[str, dict[str, Any]] = {
+    "fp32": {"precision": "fp32"},
+    "int8-tensor": {"scheme": "per-tensor", "keep_fp32": "none"},
+    "int8-all": {"keep_fp32": "none"},
+    "int8-all-emb8": {"keep_fp32": "none", "embeddings": "int8"},
+    "int8-ffnout": {"keep_fp32": "ffn_out"},
+    "int8-ffn": {"keep_fp32": "ffn"},
+    "int8-ffn-emb8": {"keep_fp32": "ffn", "embeddings": "int8"},
+    "int8-auto2-emb8": {"keep_fp32": "auto:2", "embeddings": "int8"},
+    "int8-auto4-emb8": {"keep_fp32": "auto:4", "embeddings": "int8"},
+    "int8-auto6-emb8": {"keep_fp32": "auto:6", "embeddings": "int8"},
+    "static-all": {"scheme": "static", "keep_fp32": "none"},
+    "static-ffn": {"scheme": "static", "keep_fp32": "ffn"},
+}
+BOUND = 0.5  # points: the issue's "within 0.5 of fp32" for every task
+
+
+def load_task_data(dataset: str, max_eval: int, seed: int = 0) -> Any:
+    """The data set a task was trained on, with dev and test cut to ``max_eval`` (seeded)."""
+    from dataclasses import replace
+
+    from mtpf_training import data as D
+    from mtpf_training.embedded import load_embedded
+
+    try:
+        ds = D.load_dataset(dataset)
+    except D.DataError:
+        ds = load_embedded(dataset)
+    rng = np.random.default_rng(seed)
+
+    def cut(split: tuple) -> tuple:
+        if len(split) <= max_eval:
+            return split
+        keep = np.sort(rng.permutation(len(split))[:max_eval])
+        return tuple(split[i] for i in keep)
+
+    return replace(ds, dev=cut(ds.dev), test=cut(ds.test))
+
+
+def word_tags(entities: Sequence[Any], spans: Sequence[tuple[int, int]]) -> list[str]:
+    """IOB2 tags of the words at ``spans`` (char offsets) from a ``tag`` result."""
+    tags = ["O"] * len(spans)
+    for ent in entities:
+        inside = [i for i, (s, e) in enumerate(spans) if s >= ent.start and e <= ent.end]
+        for j, i in enumerate(inside):
+            tags[i] = ("B-" if j == 0 else "I-") + ent.label
+    return tags
+
+
+def score_ner(rt: Any, task: str, examples: Sequence[Any]) -> float:
+    from seqeval.metrics import f1_score
+    from seqeval.scheme import IOB2
+
+    texts, spans = [], []
+    for ex in examples:
+        pos, sp = 0, []
+        for tok in ex.tokens:
+            sp.append((pos, pos + len(tok)))
+            pos += len(tok) + 1
+        texts.append(" ".join(ex.tokens))
+        spans.append(sp)
+    results = rt.tag(texts, task=task)
+    pred = [word_tags(ents, sp) for ents, sp in zip(results, spans)]
+    gold = [list(ex.tags) for ex in examples]
+    return 100.0 * float(f1_score(gold, pred, mode="strict", scheme=IOB2, zero_division=0))
+
+
+def score_tc(rt: Any, task: str, examples: Sequence[Any]) -> float:
+    results = rt.classify([ex.text for ex in examples], task=task)
+    return 100.0 * float(np.mean([r.label == ex.label for r, ex in zip(results, examples)]))
+
+
+def seq128_ms(rt: Any, task: str, kind: str, reps: int = 30) -> float:
+    """Median latency of one 128-word-piece request, batch 1 (a size/speed indication)."""
+    text = " ".join(["the"] * 128)
+    fn = (lambda: rt.classify(text, task=task)) if kind == "tc" else (lambda: rt.tag(text, task=task))
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def evaluate_recipe(bundle: Path, tasks: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    from mtpf_runtime import Runtime
+
+    rt = Runtime(bundle, threads=threads)
+    out: dict[str, Any] = {}
+    for name, (kind, ds) in tasks.items():
+        score = score_ner if kind == "ner" else score_tc
+        out[name] = {split: score(rt, name, getattr(ds, split)) for split in ("dev", "test")}
+    first = next(iter(tasks))
+    rt1 = Runtime(bundle, threads=1, verify=False)
+    out["_seq128_ms_1thread"] = seq128_ms(rt1, first, tasks[first][0])
+    return out
+
+
+def bundle_mb(bundle: Path) -> dict[str, float]:
+    """What a phone downloads for the backbone (mobile/ excluded: it is a copy in ORT format)."""
+    sizes = {p.name: p.stat().st_size / 1e6 for p in bundle.glob("*.onnx")}
+    return {"backbone_mb": sizes.get("backbone.onnx", 0.0), "top_mb": sizes.get("top.onnx", 0.0)}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    tasks = res["tasks"]
+    ref = res["recipes"]["fp32"]
+    lines = [f"Checkpoint `{res['checkpoint']}`; dev/test cut to {res['max_eval']} examples each (seeded); "
+             f"{res['machine']}; {res['seconds']:.0f} s in all.", "",
+             "Test metric per task (F1 for NER, accuracy for TC), and in brackets the gap to the fp32 export "
+             f"in points. `worst dev` / `worst test`: the largest loss over the tasks; bound {BOUND}.", ""]
+    head = ["recipe", "backbone.onnx MB", "seq-128 ms"] + list(tasks) + ["worst dev", "worst test", "all within"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in res["recipes"].items():
+        if "error" in r:
+            lines.append(f"| {name} | | | " + " | ".join("" for _ in tasks) + f" | | | failed: {r['error']} |")
+            continue
+        cells = [name, f"{r['size']['backbone_mb']:.1f}", f"{r['scores']['_seq128_ms_1thread']:.1f}"]
+        worst = {}
+        for split in ("dev", "test"):
+            worst[split] = max(ref["scores"][t][split] - r["scores"][t][split] for t in tasks)
+        for t in tasks:
+            v, d = r["scores"][t]["test"], r["scores"][t]["test"] - ref["scores"][t]["test"]
+            cells.append(f"{v:.2f}" + ("" if name == "fp32" else f" ({d:+.2f})"))
+        ok = worst["test"] <= BOUND and worst["dev"] <= BOUND
+        cells += ["" if name == "fp32" else f"{worst['dev']:.2f}", "" if name == "fp32" else f"{worst['test']:.2f}",
+                  "" if name == "fp32" else ("yes" if ok else "no")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mtpf_benchmarks.quality", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True, help="trained checkpoint (mtpf-adapt)")
+    ap.add_argument("--out", type=Path, default=Path("runs/quality"))
+    ap.add_argument("--recipe", action="append", choices=list(RECIPES),
+                    help="recipe to measure (repeatable; default all). fp32 is always measured")
+    ap.add_argument("--task", action="append", help="only these tasks (default: all with a known data set)")
+    ap.add_argument("--max-eval", type=int, default=1000, help="dev and test examples per task (seeded cut)")
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for scoring")
+    args = ap.parse_args(argv)
+
+    from mtpf_export.bundle import export_bundle, read_checkpoint_tasks
+    from mtpf_runtime.manifest import read_manifest
+
+    t0 = time.time()
+    args.out.mkdir(parents=True, exist_ok=True)
+    notes, tasks = [], {}
+    for t in read_checkpoint_tasks(args.checkpoint, args.task):
+        cfg = json.loads((args.checkpoint / "tasks" / f"{t.name}.json").read_text())
+        dataset = cfg.get("dataset")
+        try:
+            tasks[t.name] = (t.kind, load_task_data(dataset, args.max_eval))
+        except Exception as e:  # noqa: BLE001 - reported, the task is skipped
+            notes.append(f"task {t.name!r} skipped: data set {dataset!r} not loadable ({e})")
+    if not tasks:
+        print("quality: no task with a loadable data set", file=sys.stderr)
+        return 2
+    recipes = ["fp32"] + [r for r in (args.recipe or RECIPES) if r != "fp32"]
+    res: dict[str, Any] = {"checkpoint": str(args.checkpoint), "max_eval": args.max_eval, "notes": notes,
+                           "tasks": {n: {"kind": k, "dataset": ds.name, "dev": len(ds.dev), "test": len(ds.test)}
+                                     for n, (k, ds) in tasks.items()},
+                           "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
+                           "recipes": {}}
+    work = args.out / "bundles"
+    for name in recipes:
+        dest = work / name
+        t1 = time.time()
+        try:
+            export_bundle(args.checkpoint, dest, tasks=list(tasks), ort_format=False, log=lambda *a: None,
+                          **RECIPES[name])
+        except Exception as e:  # noqa: BLE001 - a recipe that cannot be exported is a result too
+            res["recipes"][name] = {"kwargs": RECIPES[name], "error": f"{type(e).__name__}: {e}"}
+            print(f"{name}: export failed: {e}", flush=True)
+            continue
+        scores = evaluate_recipe(dest, tasks, args.threads)
+        q = read_manifest(dest).quantization
+        res["recipes"][name] = {"kwargs": RECIPES[name], "scores": scores, "size": bundle_mb(dest),
+                                "fp32_matmuls_kept": q.get("fp32_matmuls_kept", []), "seconds": time.time() - t1}
+        print(f"{name}: " + ", ".join(f"{t}={v['test']:.2f}" for t, v in scores.items() if not t.startswith("_"))
+              + f" ({time.time() - t1:.0f}s)", flush=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        res["seconds"] = time.time() - t0
+        (args.out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

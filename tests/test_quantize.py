@@ -1,0 +1,156 @@
+"""INT8 recipes: schemes, MatMuls kept fp32 (presets, lists, auto), INT8 embeddings, sensitivities."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ckpt_factory import make_checkpoint  # noqa: E402
+from mtpf_export.bundle import ExportError, export_bundle, fp32_keep_nodes  # noqa: E402
+from mtpf_export.cli import main as export_main  # noqa: E402
+from mtpf_export.graph import build_backbone, lora_input_names  # noqa: E402
+from mtpf_export.quantize import _dyn_int8_matmul, matmul_errors, quantize_embeddings, weight_matmuls  # noqa: E402
+from mtpf_runtime import Runtime  # noqa: E402
+
+TASKS = {
+    "ner": {"kind": "ner", "labels": ["O", "B-PER", "I-PER"], "adapter": "ner", "layers": (1,), "rank": 4},
+    "tc": {"kind": "tc", "labels": ["a", "b"], "adapter": None},
+}
+TEXTS = ["Peter Blackburn met Angela Merkel in Berlin.", "short", "The quick brown fox jumps over the lazy dog."]
+QUIET = {"log": lambda *a: None, "ort_format": False}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tiny_bert, tmp_path_factory.mktemp("q") / "ckpt", tasks=TASKS)
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("qb") / "fp32"
+    export_bundle(ckpt, out, precision="fp32", **QUIET)
+    return out
+
+
+def _outputs(bundle: Path) -> dict[str, list[np.ndarray]]:
+    rt = Runtime(bundle)
+    return {"ner": rt.token_logits([e.ids for e in rt._tok.encode_batch(TEXTS, add_special_tokens=False)], "ner"),
+            "tc": list(rt.logits(TEXTS, "tc"))}
+
+
+def test_keep_fp32_specs() -> None:
+    assert fp32_keep_nodes("bert", 2, "none") == []
+    assert fp32_keep_nodes("bert", 2, "ffn_out") == ["encoder.layer.0.output.dense.matmul",
+                                                     "encoder.layer.1.output.dense.matmul"]
+    assert fp32_keep_nodes("bert", 2, "ffn_out@1, query") == ["encoder.layer.1.output.dense.matmul",
+                                                              "encoder.layer.0.attention.self.query.matmul",
+                                                              "encoder.layer.1.attention.self.query.matmul"]
+    errors = {"a": 0.1, "b": 0.3, "c": 0.2}
+    assert fp32_keep_nodes("bert", 2, "auto:2", errors=errors) == ["b", "c"]
+    for bad, what in (("ffn_up", "unknown target"), ("ffn_out@2", "not in 0..1"), ("auto:x", "needs a count"),
+                      ("auto:-1", "needs a count"), (",", "a preset")):
+        with pytest.raises(ExportError, match=what):
+            fp32_keep_nodes("bert", 2, bad, errors=errors)
+    with pytest.raises(ExportError, match="sensitivities"):
+        fp32_keep_nodes("bert", 2, "auto:3")
+
+
+def test_simulated_dynamic_int8_is_what_onnxruntime_computes(tmp_path: Path) -> None:
+    """matmul_errors ranks MatMuls with a numpy model of DynamicQuantizeMatMul: check it
+    against ONNX Runtime's own quantized MatMul on the same data."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(48, 24)).astype(np.float32) * np.linspace(0.1, 3, 24, dtype=np.float32)
+    x = (rng.normal(size=(30, 48)) * 2 + 0.5).astype(np.float32)
+    x[3, 7] = 25.0  # an outlier: the per-tensor activation scale is where dynamic INT8 loses
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 48])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 24])],
+                          [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), per_channel=True,
+                     weight_type=QuantType.QInt8)
+    y_ort = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y_sim, y = _dyn_int8_matmul(x, w), x @ w
+    err = np.abs(y_ort - y).max()
+    assert err > 1e-3  # quantization does change the result…
+    assert np.abs(y_sim - y_ort).max() < 0.02 * err  # …and the model reproduces ONNX Runtime's result
+
+
+def test_matmul_errors_cover_every_weight_matmul(ckpt: Path) -> None:
+    model, _ = build_backbone(ckpt / "backbone", [(1, "query")])
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102]], np.int64)
+    errors = matmul_errors(model, [{"input_ids": ids, "attention_mask": np.ones_like(ids)}])
+    assert sorted(errors) == sorted(weight_matmuls(model))
+    assert len(errors) == 2 * 6  # 2 layers x q, k, v, attn_out, ffn_in, ffn_out
+    assert all(0 < e < 1 for e in errors.values())
+    assert not any(n.startswith("lora.") for n in errors)
+
+
+def test_int8_embeddings_are_per_row_and_keep_the_lora_inputs(ckpt: Path) -> None:
+    model, _ = build_backbone(ckpt / "backbone", [(1, "query")])
+    table = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "emb.word")
+    saved = quantize_embeddings(model)
+    assert saved == table.nbytes - table.size - 4 * table.shape[0]
+    names = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "emb.word" not in names and names["emb.word.int8"].dtype == np.int8
+    recon = names["emb.word.int8"].astype(np.float32) * names["emb.word.scale"]
+    row_step = np.abs(table).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(recon - table) <= row_step / 2 + 1e-7)  # at most half a step of its own row
+    assert lora_input_names(model)
+    onnx.checker.check_model(model)
+    assert quantize_embeddings(model) == 0  # nothing left to quantize (and top.onnx has no table)
+
+
+@pytest.mark.parametrize("recipe", [
+    {"keep_fp32": "none", "embeddings": "int8"},
+    {"keep_fp32": "auto:3", "embeddings": "int8"},
+    {"scheme": "static", "keep_fp32": "none"},
+    {"scheme": "per-tensor", "keep_fp32": "ffn_out@1"},
+])
+def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_path: Path, recipe: dict) -> None:
+    out = tmp_path / "b"
+    m = export_bundle(ckpt, out, **recipe, **QUIET)
+    q = m.quantization
+    assert q["scheme"] == recipe.get("scheme", "per-channel")
+    assert q["embeddings"] == recipe.get("embeddings", "fp32")
+    assert q["fp32_preset"] == recipe["keep_fp32"]
+    if recipe["keep_fp32"].startswith("auto:"):
+        errors = q["matmul_int8_errors"]
+        want = sorted(errors, key=lambda k: -errors[k])[:3]
+        assert sorted(q["fp32_matmuls_kept"]) == sorted(want)
+    elif recipe["keep_fp32"] == "ffn_out@1":
+        assert q["fp32_matmuls_kept"] == ["encoder.layer.1.output.dense.matmul"]
+    graph = onnx.load(str(out / "backbone.onnx"))
+    matmul_names = {n.name for n in graph.graph.node if n.op_type == "MatMul"}
+    assert set(q["fp32_matmuls_kept"]) <= matmul_names  # kept ones are still plain fp32 MatMuls
+    if recipe.get("embeddings") == "int8":
+        assert q["embedding_bytes_saved"] > 0
+        assert (out / "backbone.onnx").stat().st_size < (fp32_bundle / "backbone.onnx").stat().st_size - 2e6
+    assert lora_input_names(graph)
+    ref, got = _outputs(fp32_bundle), _outputs(out)
+    for task in ref:
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(ref[task], got[task]))
+        assert diff < 0.5, (task, diff)  # INT8 noise on a random tiny model, not garbage
+    assert json.loads((out / "manifest.json").read_text())["backbone"]["quantization"]["scheme"] == q["scheme"]
+
+
+def test_cli_recipe_errors(ckpt: Path, tmp_path: Path, capsys) -> None:
+    assert export_main([str(ckpt), str(tmp_path / "x"), "--keep-fp32", "ffn_up", "--no-ort-format"]) == 2
+    assert "unknown target 'ffn_up'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit):
+        export_main([str(ckpt), str(tmp_path / "x"), "--embeddings", "int4"])
+    assert export_main([str(ckpt), str(tmp_path / "y"), "--keep-fp32", "auto:2", "--embeddings", "int8",
+                        "--no-ort-format"]) == 0
+    q = json.loads((tmp_path / "y" / "manifest.json").read_text())["backbone"]["quantization"]
+    assert len(q["fp32_matmuls_kept"]) == 2 and q["embeddings"] == "int8"
