@@ -21,7 +21,6 @@ process, so its RSS is its own; the parent collects one JSON line per worker and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -147,12 +146,8 @@ def open_engine(spec: dict, threads: int, batch_size: int = 32):
     Runtime = _runtime_cls()
     if engine == "mtpf":
         return Runtime(spec["bundle"], threads=threads, batch_size=batch_size)
-    if engine == "floor":
-        class FloorRuntime(Runtime):  # the same Runtime, no adapter loaded or fed
-            def _load_adapter(self, spec, slot_shapes):  # noqa: ANN001, ARG002
-                return None
-
-        return FloorRuntime(spec["bundle"], threads=threads, batch_size=batch_size)
+    if engine == "floor":  # the same Runtime and session, no adapter fed
+        return Runtime(spec["bundle"], threads=threads, batch_size=batch_size).without_adapters()
     if engine == "merged":
         from .merged import MergedSet
 
@@ -249,8 +244,7 @@ def worker_paired(spec: dict, p: Params) -> dict:
     rounds = p.paired_rounds if mode == "overhead" else p.throughput_rounds
     tok = _tokenizer(spec["bundle"])
     rt = open_engine({**spec, "engine": "mtpf"}, threads, batch_size=batch)
-    floor = copy.copy(rt)  # shares the session, tokenizer and heads; only the adapter differs
-    floor._adapters = dict.fromkeys(rt._adapters)
+    floor = rt.without_adapters()  # shares the session, tokenizer and heads; only the adapter differs
     out = {}
     for task, kind, max_len in spec["calls"]:
         seq = OVERHEAD_SEQ if _fits(max_len, OVERHEAD_SEQ) else max_len - 2
@@ -303,7 +297,7 @@ def worker_multitask(spec: dict, p: Params) -> dict:
                 sink.append((time.perf_counter() - t) * 1e3)
         ma, mb = float(np.median(ta)), float(np.median(tb))
         out[mode] = {"threads": threads, "n": rounds, "combined_p50_ms": ma, "separate_p50_ms": mb,
-                     "ratio": ma / mb, "shared_trunk": rt._top is not None}
+                     "ratio": ma / mb, "shared_trunk": rt.shares_trunk}
     return out
 
 

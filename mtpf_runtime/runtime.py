@@ -7,6 +7,7 @@ another. All per-task state is a dict keyed by task name and never mutated after
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Sequence
@@ -132,6 +133,23 @@ class Runtime:
     def tasks(self) -> list[TaskInfo]:
         return [TaskInfo(n, t.kind, t.entity_types if t.kind == "ner" else t.labels)
                 for n, t in sorted(self.manifest.tasks.items())]
+
+    @property
+    def shares_trunk(self) -> bool:
+        """Whether ``analyze``/``run_mixed`` run the unadapted lower layers once per text."""
+        return self._top is not None
+
+    def without_adapters(self) -> Runtime:
+        """A view of this runtime that feeds no LoRA adapter: every task runs the plain
+        backbone (LoRA inputs at their empty defaults) and its own head.
+
+        It shares this runtime's session, tokenizer and heads (no extra memory). Its results
+        are not the tasks' real outputs; it is the floor a benchmark compares against (what
+        the backbone alone costs) and a way to see what an adapter changes.
+        """
+        view = copy.copy(self)
+        view._adapters = dict.fromkeys(self._adapters)
+        return view
 
     def classify(self, texts: str | Sequence[str], task: str) -> Classification | list[Classification]:
         """Label, its score and every label's score; softmax scores sum to 1.

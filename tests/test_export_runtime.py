@@ -101,6 +101,21 @@ def test_adapters_change_the_output(bundles: dict) -> None:
     assert np.abs(a - b).max() > 1e-2
 
 
+def test_without_adapters_is_the_plain_backbone_and_leaves_the_runtime_alone(bundles: dict) -> None:
+    rt = Runtime(bundles["fp32"])
+    floor = rt.without_adapters()
+    rows = token_rows(rt, TEXTS[:2], 64)
+    with_a = rt.token_logits(rows, "ner_a")
+    plain = floor.token_logits(rows, "ner_a")
+    assert max(np.abs(a - b).max() for a, b in zip(with_a, plain)) > 1e-2
+    # a task without adapter is the same either way
+    np.testing.assert_array_equal(floor.logits(TEXTS, "tc_plain"), rt.logits(TEXTS, "tc_plain"))
+    # the view shares the session; the runtime it came from still feeds its adapters
+    assert floor._session is rt._session
+    for a, b in zip(rt.token_logits(rows, "ner_a"), with_a):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_manifest_records_the_self_check(bundles: dict) -> None:
     m = json.loads((bundles["int8"] / "manifest.json").read_text())
     for name, t in m["tasks"].items():
