@@ -8,6 +8,7 @@ A checkpoint is a folder in plain Hugging Face / PEFT conventions::
     tasks/<task>.json         name, kind, labels, adapter, pooling, max_length, dataset, metrics
     config.json               schema, base, backbone_sha256, tasks: {task: resolved config}
     metrics.json              {task: metrics}
+    resume/<task>.pt          only while a run of mtpf-adapt is unfinished: its resume state
 
 Every write is atomic (temporary sibling + ``os.replace``), so a crash or a concurrent
 reader never sees a half-written artifact.
@@ -420,3 +421,72 @@ def check_adapter_name_free(ckpt: str | Path, name: str) -> None:
     others = [t for t in users if t != name]
     if others:
         raise CheckpointError(f"adapter {name!r} is used by task(s) {others}; choose another task name")
+
+
+# --------------------------------------------------------------------------- resume states (torch)
+# A training run (mtpf-pretrain, mtpf-adapt) keeps the state it can continue from in one
+# file, replaced whole at each save; it is read with weights_only=True, so a state file
+# holds tensors and plain data, never code.
+
+def resume_state_path(ckpt: str | Path, task: str) -> Path:
+    """Where mtpf-adapt keeps the state of an unfinished run of ``task``."""
+    return Path(ckpt) / "resume" / f"{check_name(task)}.pt"
+
+
+def save_state(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save into a temporary sibling, then rename: a crash leaves the previous state whole."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A saved state, every tensor on the CPU: RNG states must be CPU tensors, and
+    ``load_state_dict`` moves weights and optimizer moments to their parameters' device."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)  # no pickled code
+
+
+def rng_state(device: str) -> dict[str, Any]:
+    """The global torch RNG (and the device's, on CUDA): dropout draws from it."""
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: str) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if device.startswith("cuda") and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+def check_same_run(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse to resume ``path`` when what the run depends on differs, naming every difference."""
+
+    def show(v: Any) -> str:
+        text = repr(v)
+        return text[:13] + "…'" if isinstance(v, str) and len(v) > 40 else text
+
+    diff = [f"{k} {show(saved.get(k))} -> {show(now.get(k))}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume {path}: it was saved by a different run (saved -> now: {'; '.join(diff)}); "
+            f"rerun with the saved settings, or delete {path} to start over"
+        )

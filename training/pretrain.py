@@ -409,27 +409,7 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _rng_state(device: str) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.startswith("cuda"):
-        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: str) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.startswith("cuda") and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
-
-
 # =========================================================================== resume state
-
-def _save_resume(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous state intact
-
 
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resolved["config"].items() if k not in _RESUMABLE_CHANGES}
@@ -594,7 +574,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     opts = build_optimizers(student, cfg)
     start, history = 0, []
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)  # no pickled code
+        state = ck.load_state(state_path)
         if _comparable(state["resolved"]) != _comparable(resolved):
             diff = {k: (v, _comparable(resolved).get(k)) for k, v in _comparable(state["resolved"]).items()
                     if _comparable(resolved).get(k) != v}
@@ -605,7 +585,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         for t, s in streams.items():
             s.load(state["streams"][t])
         rngs = state["rng"]
-        _set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
+        ck.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
         start, history = int(state["step"]), list(state["history"])
         log.info("resumed from %s at step %d", state_path, start)
     elif cfg.mode != "base":
@@ -620,16 +600,16 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def save_state(step: int) -> None:
-        rng = [_rng_state(device)]
+        rng = [ck.rng_state(device)]
         if world > 1:
             rng = [None] * world
-            torch.distributed.all_gather_object(rng, _rng_state(device))
+            torch.distributed.all_gather_object(rng, ck.rng_state(device))
             rng = [{k: v.cpu() for k, v in r.items()} for r in rng]
         if rank == 0:
-            _save_resume(state_path, {"step": step, "model": student.state_dict(),
-                                      "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                                      "streams": {t: s.state() for t, s in streams.items()},
-                                      "rng": rng, "history": history, "resolved": resolved})
+            ck.save_state(state_path, {"step": step, "model": student.state_dict(),
+                                       "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                                       "streams": {t: s.state() for t, s in streams.items()},
+                                       "rng": rng, "history": history, "resolved": resolved})
         _barrier(world)
 
     # ------------------------------------------------------------------ train
