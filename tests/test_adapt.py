@@ -6,8 +6,11 @@ so the whole file takes seconds on a 2-core CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +277,176 @@ def test_tc_with_adapter_copies_it_in(tiny_bert: Path, tmp_path: Path) -> None:
         adapt.train_tc(ckpt, toy_tc(), "sent3", adapter="missing", progress=False)
 
 
+# --------------------------------------------------------------------------- interrupt and resume
+
+def _raise_after(fn: Any, calls: int) -> Any:
+    """``fn``, except that call number ``calls + 1`` raises KeyboardInterrupt (a Ctrl-C)."""
+    seen = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        seen[0] += 1
+        if seen[0] > calls:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def _files(ckpt: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(ckpt)): p.read_bytes() for p in sorted(ckpt.rglob("*")) if p.is_file()}
+
+
+def _assert_same_task(a: Path, b: Path, task: str) -> None:
+    """Bit-identical adapter (if any), head and task file."""
+    for rel in (f"heads/{task}.safetensors", f"tasks/{task}.json", f"adapters/{task}/adapter_model.safetensors"):
+        assert (a / rel).is_file() == (b / rel).is_file(), rel
+        if (a / rel).is_file():
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+NER_RUN = {"epochs": 3, "batch_size": 8, "seed": 3, "progress": False}  # 40 sentences: 5 steps an epoch
+
+
+@pytest.mark.parametrize("steps_done, every, continues_at", [
+    (7, 2, (1, 1)),  # the step-6 state: epoch 2, after its first batch; step 7 is redone
+    (11, 0, (2, 0)),  # only epoch states: the one after epoch 2; step 11 is redone
+])
+def test_interrupted_ner_run_resumes_bit_identical(steps_done: int, every: int, continues_at: tuple[int, int],
+                                                   tiny_bert: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = new_ckpt(tmp_path, tiny_bert, "whole")
+    expected = adapt.train_ner(whole, toy_ner(), "toy", **NER_RUN)
+
+    parts = new_ckpt(tmp_path, tiny_bert, "parts")
+    before = _files(parts)
+    with monkeypatch.context() as m:  # upper_forward runs once per training step
+        m.setattr(adapt, "upper_forward", _raise_after(adapt.upper_forward, steps_done))
+        with pytest.raises(KeyboardInterrupt):
+            adapt.train_ner(parts, toy_ner(), "toy", checkpoint_every=every, **NER_RUN)
+    # Nothing of the task reached the checkpoint: only its state, and no temporary file.
+    after = _files(parts)
+    assert after.keys() - before.keys() == {"resume/toy.pt"}
+    assert all(after[k] == v for k, v in before.items())
+    state = ck.load_state(parts / "resume/toy.pt")
+    assert (state["epoch"], state["batch"]) == continues_at
+
+    got = adapt.train_ner(parts, toy_ner(), "toy", resume=True, checkpoint_every=every, **NER_RUN)
+    assert got == expected  # metrics, train losses per epoch included
+    _assert_same_task(whole, parts, "toy")
+    assert json.loads((parts / "config.json").read_text())["tasks"]["toy"] == \
+        json.loads((whole / "config.json").read_text())["tasks"]["toy"]
+    assert not (parts / "resume").exists()
+
+
+def test_ner_state_of_another_run_is_refused(tiny_bert: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = new_ckpt(tmp_path, tiny_bert)
+    with monkeypatch.context() as m:
+        m.setattr(adapt, "upper_forward", _raise_after(adapt.upper_forward, 6))
+        with pytest.raises(KeyboardInterrupt):
+            adapt.train_ner(ckpt, toy_ner(), "toy", **NER_RUN)
+    state = (ckpt / "resume/toy.pt").read_bytes()
+    other_data = dataclasses.replace(toy_ner(seed=1), name="other_ner")
+    for change, message in [
+        ({"seed": 4}, "seed 3 -> 4"),
+        ({"lora_rank": 8}, "lora_rank 32 -> 8"),
+        ({"lr": 1e-2}, "lr 0.001 -> 0.01"),
+        ({"dataset": other_data}, "dataset 'toy_ner' -> 'other_ner'"),
+        ({"dataset": toy_ner(seed=1)}, "train_sha256 '"),  # same name, other sentences
+    ]:
+        kw = {**NER_RUN, "dataset": toy_ner(), **change}
+        with pytest.raises(ck.CheckpointError, match=re.escape(message)) as exc:
+            adapt.train_ner(ckpt, kw.pop("dataset"), "toy", resume=True, **kw)
+        assert "cannot resume" in str(exc.value) and "delete" in str(exc.value)
+    assert (ckpt / "resume/toy.pt").read_bytes() == state  # refusing touches nothing
+    assert ck.list_tasks(ckpt) == []
+
+
+TC_RUN = {"batch_size": 4, "seed": 0, "progress": False}
+
+
+def _tc_batches(ds: Dataset) -> dict[str, int]:
+    """Embedding batches per split: each split embeds the texts no earlier split had."""
+    seen: set[str] = set()
+    out = {}
+    for split in ("train", "dev", "test"):
+        new = {ex.text for ex in getattr(ds, split)} - seen
+        out[split], seen = math.ceil(len(new) / TC_RUN["batch_size"]), seen | new
+    return out
+
+
+@pytest.mark.parametrize("where", ["inside train, every 2 batches", "inside test, splits only"])
+def test_interrupted_tc_run_resumes_bit_identical(where: str, tiny_bert: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = toy_tc()
+    n = _tc_batches(ds)
+    assert n["train"] >= 4 and n["dev"] >= 1 and n["test"] >= 1
+    if where.startswith("inside train"):  # batch 3 of train is redone
+        every, done, saved = 2, 3, {"train": 2}
+    else:  # the first test batch is interrupted
+        every, done, saved = 0, n["train"] + n["dev"], {"train": n["train"], "dev": n["dev"]}
+    whole = new_ckpt(tmp_path, tiny_bert, "whole")
+    expected = adapt.train_tc(whole, ds, "sent", **TC_RUN)
+
+    parts = new_ckpt(tmp_path, tiny_bert, "parts")
+    before = _files(parts)
+    with monkeypatch.context() as m:  # _pooled_batch runs once per embedding batch
+        m.setattr(adapt, "_pooled_batch", _raise_after(adapt._pooled_batch, done))
+        with pytest.raises(KeyboardInterrupt):
+            adapt.train_tc(parts, ds, "sent", checkpoint_every=every, **TC_RUN)
+    after = _files(parts)
+    assert after.keys() - before.keys() == {"resume/sent.pt"}
+    assert all(after[k] == v for k, v in before.items())
+    state = ck.load_state(parts / "resume/sent.pt")
+    assert {k: v["batches"] for k, v in state["passes"].items()} == saved
+
+    calls = [0]
+    real = adapt._pooled_batch
+
+    def counting(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:  # the resumed run embeds only the batches the state lacks
+        m.setattr(adapt, "_pooled_batch", counting)
+        got = adapt.train_tc(parts, ds, "sent", resume=True, checkpoint_every=every, **TC_RUN)
+    assert calls[0] == sum(n.values()) - sum(saved.values())
+    assert got == expected
+    _assert_same_task(whole, parts, "sent")
+    assert not (parts / "resume").exists()
+
+    # A state saved with other settings or data is refused, naming what differs.
+    with monkeypatch.context() as m:
+        m.setattr(adapt, "_pooled_batch", _raise_after(adapt._pooled_batch, 1))
+        with pytest.raises(KeyboardInterrupt):
+            adapt.train_tc(parts, ds, "again", checkpoint_every=1, **TC_RUN)
+    for change, message in [({"seed": 1}, "seed 0 -> 1"), ({"max_length": 64}, "max_length 128 -> 64"),
+                            ({"max_train": 20}, "max_train None -> 20")]:
+        with pytest.raises(ck.CheckpointError, match=re.escape(message)):
+            adapt.train_tc(parts, ds, "again", resume=True, **{**TC_RUN, **change})
+    with pytest.raises(ck.CheckpointError, match="data_sha256"):
+        adapt.train_tc(parts, toy_tc(seed=1), "again", resume=True, **TC_RUN)
+
+
+def test_cli_interrupt_then_resume(tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = toy_tc()
+    files = {s: _write_jsonl(tmp_path / f"{s}.jsonl", [{"text": e.text, "label": e.label}
+                                                        for e in getattr(ds, s)])
+             for s in ("train", "test")}
+    argv = ["--checkpoint", str(tmp_path / "c"), "--base", str(tiny_bert), "--kind", "tc", "--name", "sent",
+            "--train", str(files["train"]), "--test", str(files["test"]), "--no-progress",
+            "--batch-size", "4", "--checkpoint-every", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(adapt, "_pooled_batch", _raise_after(adapt._pooled_batch, 2))
+        with pytest.raises(SystemExit) as exc:
+            adapt.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and "--resume" in err and "resume/sent.pt" in err, err
+    assert adapt.main([*argv, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["test"]["accuracy"] == 1.0
+    assert not (tmp_path / "c/resume").exists()
+
+
 # --------------------------------------------------------------------------- checkpoint rules
 
 def test_checkpoint_names_and_base_checks(tiny_bert: Path, tiny_distilbert: Path, tmp_path: Path) -> None:
@@ -308,7 +481,8 @@ def test_cli_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None
     for opt in ("--checkpoint", "--base", "--kind", "--dataset", "--embedded", "--train", "--test",
                 "--dev", "--format", "--name", "--lora-layers", "--lora-rank", "--lora-alpha",
                 "--lora-targets", "--init-adapter", "--epochs", "--lr", "--batch-size", "--max-length",
-                "--max-train", "--seed", "--device", "--adapter", "--no-progress"):
+                "--max-train", "--seed", "--device", "--adapter", "--no-progress", "--resume",
+                "--checkpoint-every"):
         assert opt in out
 
 

@@ -13,12 +13,17 @@ usual practice for frozen feature extraction) and every epoch runs only the top 
 (``cache_lower_layers``). A :class:`FeatureCache` passed by the caller keeps these lower
 states, and TC's pooled embeddings, across runs on the same backbone (several seeds).
 
-Both write into the checkpoint described in :mod:`mtpf_training.checkpoint`.
+Both write into the checkpoint described in :mod:`mtpf_training.checkpoint`, and nothing of
+a task before it is trained and evaluated. Both resume: an unfinished run keeps its state in
+``ckpt/resume/<task>.pt`` (NER: after each epoch; TC: after embedding each split; and every
+``checkpoint_every`` steps), and ``resume=True`` (``--resume``) continues from it to the
+result an uninterrupted run would give, bit for bit (``docs/robustness.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -50,6 +55,38 @@ EVAL_MAX_LENGTH = 512  # long enough for nearly every sentence; the rest is coun
 
 def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+# Config entries that may differ between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = ("device", "versions")
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
+
+
+def _open_state(path: Path, resume: bool, check: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state to continue from, or None to start fresh; another run's state is refused."""
+    if not path.is_file():
+        if resume:
+            log.info("resume: no state at %s; starting fresh", path)
+        return None
+    if not resume:
+        log.warning("%s holds the state of an interrupted run of this task; starting over "
+                    "(it is replaced at the first save; pass resume=True / --resume to continue it)", path)
+        return None
+    state = ck.load_state(path)
+    ck.check_same_run(path, state.get("check", {}), check)
+    return state
+
+
+def _drop_state(path: Path) -> None:
+    """The task is saved: its resume state (and an empty resume/ folder) goes."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # other tasks' states are still there
+        pass
 
 
 def _usable_length(model: nn.Module, tokenizer: PreTrainedTokenizerBase, wanted: int,
@@ -315,12 +352,20 @@ def train_ner(
     init_adapter: str | Path | None = None, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
     max_length: int = 128, max_train: int | None = None, seed: int = 0, device: str = "cpu",
     progress: bool = True, cache_lower_layers: bool = True, feature_cache: FeatureCache | None = None,
+    resume: bool = False, checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """LoRA fine-tuning + token head; writes adapter, head and task into ``ckpt``.
 
     ``cache_lower_layers``: compute the frozen layers below the first LoRA layer once
     (in eval mode, so without their dropout) and train on the top layers only.
     ``feature_cache`` keeps those states for later runs on the same backbone.
+
+    While it trains, the run keeps its state in ``ckpt/resume/<name>.pt`` (LoRA, head,
+    optimizer, schedule, RNGs, data order, losses), saved at the end of every epoch and,
+    with ``checkpoint_every``, every that many optimizer steps; it is deleted once the
+    task is saved. ``resume``: continue from that state (if there is one); the result is
+    bit-identical to an uninterrupted run on the same device. A state saved with other
+    settings or data is refused, naming what differs.
     """
     # ---------------------------------------------------------------- validate and resolve
     ckpt = Path(ckpt)
@@ -339,15 +384,17 @@ def train_ner(
     train = tuple(ex for ex in _subsample(dataset.train, max_train, seed) if ex.tokens)
     if not train:
         raise ValueError(f"{dataset.name}: no training sentences")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+    if epochs < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 0:
+        raise ValueError("epochs and batch_size must be >= 1, lr > 0 and checkpoint_every >= 0")
 
     torch.manual_seed(seed)  # LoRA A init, head init and dropout draw from this
     base, tokenizer, arch = ck.load_backbone(ckpt)
     max_length = _usable_length(base, tokenizer, max_length)
     eval_length = _usable_length(base, tokenizer, EVAL_MAX_LENGTH, warn=False)
+    init_fp = None
     if init_adapter is not None:
         init_dir = ck.resolve_adapter_dir(ckpt, init_adapter)
+        init_fp = ck.sha256_file(init_dir / "adapter_model.safetensors")
         model = ck.load_adapter(base, init_dir, arch, trainable=True)
     else:
         layers = archmod.resolve_layers(lora_layers, base.config.num_hidden_layers)
@@ -381,19 +428,53 @@ def train_ner(
     }
     log.info("train_ner %s: %s", name, json.dumps(config))
 
-    # ---------------------------------------------------------------- train
+    # ---------------------------------------------------------------- train (resumable)
     encoded = _encode_ner_train(tokenizer, train, label2id, max_length)
     lengths = [len(ids) for ids, _ in encoded]
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    gen = torch.Generator().manual_seed(seed)  # batch order
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(trainable.values()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
-    steps = epochs * math.ceil(len(encoded) / batch_size)
+    steps_per_epoch = math.ceil(len(encoded) / batch_size)
+    steps = epochs * steps_per_epoch
     sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # What the run depends on beyond its config: a state saved for anything else is refused.
+    state_path = ck.resume_state_path(ckpt, name)
+    check = {**{k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}, "labels": labels,
+             "train_sha256": _sha256_json(encoded), "init_adapter_sha256": init_fp}
+    state = _open_state(state_path, resume, check)
+    start_epoch, start_batch = 0, 0  # where the run continues
+    losses_per_epoch: list[float] = []
+    total, count = 0.0, 0  # loss sum and sentences of the current epoch
+    if state is not None:
+        if state["lora"].keys() != trainable.keys():
+            raise ck.CheckpointError(f"cannot resume {state_path}: its LoRA weights do not fit this model")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(state["lora"][n])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["batch_order_rng"])
+        start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
+        losses_per_epoch, total, count = list(state["loss_per_epoch"]), state["loss_sum"], state["loss_count"]
+        log.info("resumed %s from %s at epoch %d, batch %d", name, state_path, start_epoch + 1, start_batch)
+
+    def save_state(epoch: int, batch: int, batch_order_rng: torch.Tensor) -> None:
+        """``epoch``/``batch``: where the run continues; the RNG that draws that epoch's order."""
+        ck.save_state(state_path, {
+            "kind": "ner", "check": check, "epoch": epoch, "batch": batch,
+            "lora": {n: p.detach().cpu() for n, p in trainable.items()}, "head": head.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "batch_order_rng": batch_order_rng, "rng": ck.rng_state(device),
+            "loss_per_epoch": losses_per_epoch, "loss_sum": total, "loss_count": count})
+
     t0 = time.time()  # training time includes computing the cached lower layers
     lower: list[torch.Tensor] | None = None
-    if first is not None:
+    if first is not None and start_epoch < epochs:
         # Row key = token ids: they already carry the tokenizer and max_length.
         table = (feature_cache.table("ner_lower", cfg["backbone_sha256"], first)
                  if feature_cache is not None else {})
@@ -401,14 +482,17 @@ def train_ner(
         for key, h in zip(todo, lower_hidden_states(model, arch, todo, first, pad_id)):
             table[key] = h
         lower = [table[tuple(ids)] for ids, _ in encoded]
-    losses_per_epoch: list[float] = []
-    for epoch in range(epochs):
+    if state is not None:
+        ck.set_rng_state(state["rng"], device)  # dropout continues where it stopped
+    for epoch in range(start_epoch, epochs):
         model.train()
         head.train()
-        total, count = 0.0, 0
-        bar = tqdm(_ner_batches(lengths, batch_size, gen), desc=f"ner {name} epoch {epoch + 1}/{epochs}",
-                   disable=None if progress else True, leave=False)
-        for batch in bar:
+        order_rng = gen.get_state()
+        batches = _ner_batches(lengths, batch_size, gen)
+        skip = start_batch if epoch == start_epoch else 0
+        bar = tqdm(batches[skip:], initial=skip, total=len(batches),
+                   desc=f"ner {name} epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
+        for b, batch in enumerate(bar, skip):
             ids = _pad([encoded[i][0] for i in batch], pad_id).to(device)  # (B, T)
             tags = _pad([encoded[i][1] for i in batch], -100).to(device)  # (B, T)
             mask = _pad([[1] * lengths[i] for i in batch], 0).to(device)  # (B, T)
@@ -425,8 +509,13 @@ def train_ner(
             sched.step()
             total, count = total + loss.item() * len(batch), count + len(batch)
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            step = epoch * steps_per_epoch + b + 1
+            if checkpoint_every and step % checkpoint_every == 0 and b + 1 < len(batches):
+                save_state(epoch, b + 1, order_rng)
         losses_per_epoch.append(total / count)
+        total, count = 0.0, 0
         log.info("epoch %d/%d: mean train loss %.4f", epoch + 1, epochs, losses_per_epoch[-1])
+        save_state(epoch + 1, 0, gen.get_state())
     log.info("trained %s in %.1f s", name, time.time() - t0)
 
     # ---------------------------------------------------------------- evaluate and save
@@ -442,33 +531,43 @@ def train_ner(
          "dataset": dataset.name},
         config, metrics,
     )
+    _drop_state(state_path)
     return metrics
 
 
 # =========================================================================== TC
 
+def _length_batches(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
+                    batch_size: int) -> list[list[int]]:
+    """Indices of ``texts`` in batches of similar token length (less padding per batch)."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
+def _pooled_batch(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                  max_length: int) -> np.ndarray:
+    """Attention-masked mean of last_hidden_state of one batch, (B, hidden) float32."""
+    device = next(model.parameters()).device
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    mask = enc["attention_mask"].to(device)  # (B, T)
+    with _amp(str(device)):
+        hidden = _encoder_out(model, enc["input_ids"].to(device), mask)  # (B, T, H)
+    m = mask.unsqueeze(-1).float()  # (B, T, 1)
+    return ((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)).cpu().numpy()  # (B, H)
+
+
 def pooled_embeddings(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 256,
     batch_size: int = 64, progress: bool = False,
 ) -> np.ndarray:
     """Attention-masked mean of last_hidden_state, (n, hidden) float32, in input order."""
     model.eval()
-    device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])  # less padding per batch
     out = np.zeros((len(texts), model.config.hidden_size), np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc="embedding", leave=False,
-                      disable=None if progress else True):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length,
-                        padding=True, return_tensors="pt")
-        mask = enc["attention_mask"].to(device)  # (B, T)
-        with _amp(str(device)):
-            hidden = _encoder_out(model, enc["input_ids"].to(device), mask)  # (B, T, H)
-        m = mask.unsqueeze(-1).float()  # (B, T, 1)
-        pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
-        out[idx] = pooled.cpu().numpy()
+    for idx in tqdm(_length_batches(tokenizer, texts, max_length, batch_size), desc="embedding",
+                    leave=False, disable=None if progress else True):
+        out[idx] = _pooled_batch(model, tokenizer, [texts[i] for i in idx], max_length)
     return out
 
 
@@ -502,18 +601,26 @@ def _tc_scores(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
 def train_tc(
     ckpt: str | Path, dataset: Dataset, name: str, *, adapter: str | None = None, max_length: int = 256,
     max_train: int | None = None, seed: int = 0, batch_size: int = 64, device: str = "cpu",
-    progress: bool = True, feature_cache: FeatureCache | None = None,
+    progress: bool = True, feature_cache: FeatureCache | None = None, resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """Linear probe on frozen pooled embeddings; writes head and task into ``ckpt``.
 
     Every text is embedded once per run; with ``feature_cache``, once per backbone,
     adapter and max_length across runs (seeds only change the probe's training subset).
+
+    Embedding is the run's cost, so it is what resumes: the embeddings are kept in
+    ``ckpt/resume/<name>.pt`` after each split (train, dev, test) and, with
+    ``checkpoint_every``, every that many batches; ``resume`` continues from there, in
+    the same batches, so the head and metrics are bit-identical to an uninterrupted run.
     """
     from sklearn.linear_model import LogisticRegression
 
     # ---------------------------------------------------------------- validate and resolve
     ckpt = Path(ckpt)
     ck.check_name(name)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     if dataset.kind != "tc":
         raise ValueError(f"dataset {dataset.name!r} is {dataset.kind!r}, train_tc needs 'tc'")
     cfg = ck.read_config(ckpt)
@@ -546,21 +653,53 @@ def train_tc(
     }
     log.info("train_tc %s: %s", name, json.dumps(config))
 
-    # ---------------------------------------------------------------- embed and fit
+    # ---------------------------------------------------------------- embed (resumable) and fit
     table = (feature_cache.table("tc_pooled", cfg["backbone_sha256"], adapter_fp, max_length)
              if feature_cache is not None else {})
+    state_path = ck.resume_state_path(ckpt, name)
+    check = {**{k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES}, "labels": labels,
+             "data_sha256": _sha256_json([[[ex.text, ex.label] for ex in split]
+                                          for split in (train, dataset.dev, dataset.test)]),
+             "adapter_sha256": adapter_fp}
+    state = _open_state(state_path, resume, check)
+    passes: dict[str, dict[str, Any]] = dict(state["passes"]) if state is not None else {}
+    model.eval()
 
-    def embed(examples: Sequence[TcExample]) -> tuple[np.ndarray, np.ndarray]:
+    def embed_pass(split: str, texts: list[str]) -> np.ndarray:
+        """Pooled embeddings of ``texts``, continuing a saved pass over the same texts.
+
+        Whole batches in length order are handed to pooled_embeddings, whose own stable
+        length sort then leaves them as they are: the batches (hence the numbers) are those
+        of one uninterrupted call.
+        """
+        batches = _length_batches(tokenizer, texts, max_length, batch_size)
+        key = _sha256_json(texts)
+        saved = passes.get(split)
+        if saved is not None and saved["texts_sha256"] == key:
+            out, done = saved["vectors"].numpy(), int(saved["batches"])
+        else:
+            out, done = np.zeros((len(texts), model.config.hidden_size), np.float32), 0
+        while done < len(batches):
+            end = min(len(batches), done + checkpoint_every) if checkpoint_every else len(batches)
+            rows = [i for batch in batches[done:end] for i in batch]
+            out[rows] = pooled_embeddings(model, tokenizer, [texts[i] for i in rows], max_length, batch_size,
+                                          progress)
+            done = end
+            passes[split] = {"texts_sha256": key, "batches": done, "vectors": torch.from_numpy(out)}
+            ck.save_state(state_path, {"kind": "tc", "check": check, "passes": passes})
+        return out
+
+    def embed(split: str, examples: Sequence[TcExample]) -> tuple[np.ndarray, np.ndarray]:
         todo = sorted({ex.text for ex in examples} - table.keys())
         if todo:
-            table.update(zip(todo, pooled_embeddings(model, tokenizer, todo, max_length, batch_size, progress)))
+            table.update(zip(todo, embed_pass(split, todo)))
         if not examples:
             return np.zeros((0, model.config.hidden_size), np.float32), np.zeros(0, np.int64)
         x = np.stack([table[ex.text] for ex in examples])  # (n, H)
         return x, np.array([label2id[ex.label] for ex in examples], dtype=np.int64)
 
-    x_train, y_train = embed(train)
-    dev = embed(dataset.dev) if dataset.dev else None
+    x_train, y_train = embed("train", train)
+    dev = embed("dev", dataset.dev) if dataset.dev else None
     grid = (0.1, 1.0, 10.0) if dev is not None else (1.0,)
     fits = {c: LogisticRegression(C=c, solver="lbfgs", max_iter=2000).fit(x_train, y_train) for c in grid}
     dev_acc = {c: float((f.predict(dev[0]) == dev[1]).mean()) for c, f in fits.items()} if dev else {}
@@ -573,10 +712,11 @@ def train_tc(
                                "dev_accuracy_by_C": {str(c): a for c, a in dev_acc.items()}}
     for split, examples in (("dev", dataset.dev), ("test", dataset.test)):
         if examples:
-            x, y = dev if split == "dev" and dev is not None else embed(examples)
+            x, y = dev if split == "dev" and dev is not None else embed(split, examples)
             metrics[split] = _tc_scores(y, (x @ weight.T + bias).argmax(-1))  # the head, as shipped
     ck.save_task(ckpt, name, "tc", labels, weight, bias, adapter_name, copy_from,
                  {"pooling": "mean", "max_length": max_length, "dataset": dataset.name}, config, metrics)
+    _drop_state(state_path)
     return metrics
 
 
@@ -587,7 +727,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False) or "default:" in text:
+        if action.default is None or action.default is False or "default:" in text:  # 0 is a real default
             return text
         return super()._get_help_string(action) or text
 
@@ -629,6 +769,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda)")
     c.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and subsampling")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run of this task from "
+                   "CHECKPOINT/resume/NAME.pt if present (same settings and data; else refused, naming "
+                   "what differs); the result is bit-identical to an uninterrupted run")
+    c.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save the resume state also every N steps (ner: optimizer steps, tc: embedding "
+                   "batches); it is always saved after each epoch (tc: each split)")
     return p
 
 
@@ -659,6 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    name = None
     try:
         if args.name is not None:
             ck.check_name(args.name)
@@ -666,7 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ck.check_name(name)
         ck.init_checkpoint(args.checkpoint, args.base)
         common = {"max_train": args.max_train, "seed": args.seed, "device": args.device,
-                  "progress": not args.no_progress}
+                  "progress": not args.no_progress, "resume": args.resume,
+                  "checkpoint_every": args.checkpoint_every}
         if args.kind == "ner":
             targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
             metrics = train_ner(
@@ -680,6 +828,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         parser.exit(2, f"mtpf-adapt: error: {msg}\n")
+    except KeyboardInterrupt:
+        state = ck.resume_state_path(args.checkpoint, name) if name is not None else None
+        if state is not None and state.is_file():
+            parser.exit(130, f"mtpf-adapt: interrupted; the run's state is in {state}: "
+                             "rerun the same command with --resume to continue\n")
+        parser.exit(130, "mtpf-adapt: interrupted before the run saved any state\n")
     print(json.dumps({"task": name, "checkpoint": str(args.checkpoint), "metrics": metrics}, indent=2))
     return 0
 
