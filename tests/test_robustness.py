@@ -292,6 +292,26 @@ def _inputs(rt: Runtime):
     ]
 
 
+def _data_files(tmp_path: Path):
+    """User data files in the wrong encoding, read by mtpf-adapt's readers."""
+    from mtpf_training.data import read_conll, read_csv_tc, read_jsonl_tc
+
+    def write(name: str, data: bytes) -> Path:
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    conll = "Hi\tO\nZoë\tB-PER\n"
+    jsonl = '{"text": "Hi", "label": "a"}\n{"text": "Zoë", "label": "b"}\n'
+    csv = "text,label\nZoë,b\n"
+    return [
+        ("a CoNLL file saved as UTF-16 (with its BOM)",
+         lambda: read_conll(write("u16.conll", conll.encode("utf-16")))),
+        ("a JSONL file in UTF-16 without a BOM", lambda: read_jsonl_tc(write("u16.jsonl", jsonl.encode("utf-16-le")))),
+        ("a CSV file in Latin-1 (`ë` on line 2)", lambda: read_csv_tc(write("l1.csv", csv.encode("latin-1")))),
+        ("a CSV file with a UTF-8 BOM", lambda: read_csv_tc(write("bom.csv", b"\xef\xbb\xbf" + csv.encode()))),
+    ]
+
+
 def _outcome(fn) -> str:
     try:
         got = fn()
@@ -318,6 +338,8 @@ def test_fault_table_in_docs_is_what_the_code_does(rt: Runtime, tmp_path: Path) 
         rows.append(f"| bundle: {what} | {_outcome(lambda: Runtime(b))} |")
     for what, call in _inputs(rt):
         rows.append(f"| input: {what} | {_outcome(call)} |")
+    for what, call in _data_files(tmp_path):
+        rows.append(f"| data: {what} | {_outcome(call)} |")
     table = "\n".join(["| injected | what happened |", "|---|---|", *rows])
     doc = REPO / "docs" / "robustness.md"
     begin, end = "<!-- fault-table:begin -->", "<!-- fault-table:end -->"
