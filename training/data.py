@@ -139,8 +139,8 @@ def _decode(raw: bytes, path: Path, latin1: bool) -> str:
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise _err(path, raw[:nul].count(b"\n") + 1,
-                   f"NUL byte at byte offset {nul + skipped}: the file is not UTF-8 text "
-                   "(UTF-16 or UTF-32 without a byte order mark?)", _CONVERT.format(src="UTF-16"))
+                   f"NUL byte at byte offset {nul + skipped}: the file is not UTF-8 (UTF-16 without a BOM?)",
+                   _CONVERT.format(src="UTF-16LE"))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -148,8 +148,9 @@ def _decode(raw: bytes, path: Path, latin1: bool) -> str:
             return raw.decode("latin-1")
         line = raw[: exc.start].count(b"\n") + 1
         raise _err(path, line, f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte offset "
-                   f"{exc.start + skipped}: the file is not UTF-8 (Windows-1252 or Latin-1?)",
-                   _CONVERT.format(src="WINDOWS-1252")) from None
+                   f"{exc.start + skipped}: the file is not UTF-8 (Latin-1?)",
+                   "UTF-8 text (convert it, e.g. iconv -f WINDOWS-1252 -t UTF-8 IN > OUT: "
+                   "it reads Latin-1 too)") from None
 
 
 def _read_lines(path: Path | str, latin1: bool = False) -> list[str]:
