@@ -121,7 +121,9 @@ def evaluate_recipe(bundle: Path, tasks: dict[str, Any], threads: int | None) ->
     out: dict[str, Any] = {}
     for name, (kind, ds) in tasks.items():
         score = score_ner if kind == "ner" else score_tc
-        out[name] = {split: score(rt, name, getattr(ds, split)) for split in ("dev", "test")}
+        # A data set without a dev split (e.g. TREC) is scored on test only.
+        out[name] = {split: score(rt, name, getattr(ds, split)) if getattr(ds, split) else None
+                     for split in ("dev", "test")}
     first = next(iter(tasks))
     rt1 = Runtime(bundle, threads=1, verify=False)
     out["_seq128_ms_1thread"] = seq128_ms(rt1, first, tasks[first][0])
@@ -140,7 +142,11 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"Checkpoint `{res['checkpoint']}`; dev/test cut to {res['max_eval']} examples each (seeded); "
              f"{res['machine']}; {res['seconds']:.0f} s in all.", "",
              "Test metric per task (F1 for NER, accuracy for TC), and in brackets the gap to the fp32 export "
-             f"in points. `worst dev` / `worst test`: the largest loss over the tasks; bound {BOUND}.", ""]
+             f"in points. `worst dev` / `worst test`: the largest loss over the tasks; bound {BOUND}. "
+             "`seq-128 ms`: one 128-piece request, batch 1, 1 thread, median of 30, measured while "
+             "scoring (indicative only; benchmarks/latency.py measures speed properly).", "",
+             "Tasks: " + "; ".join(f"{n} ({t['kind']}, {t['dataset']}: dev {t['dev']}, test {t['test']})"
+                                    for n, t in tasks.items()) + ".", ""]
     head = ["recipe", "backbone.onnx MB", "seq-128 ms"] + list(tasks) + ["worst dev", "worst test", "all within"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res["recipes"].items():
@@ -150,7 +156,8 @@ def markdown(res: dict[str, Any]) -> str:
         cells = [name, f"{r['size']['backbone_mb']:.1f}", f"{r['scores']['_seq128_ms_1thread']:.1f}"]
         worst = {}
         for split in ("dev", "test"):
-            worst[split] = max(ref["scores"][t][split] - r["scores"][t][split] for t in tasks)
+            worst[split] = max(ref["scores"][t][split] - r["scores"][t][split] for t in tasks
+                               if r["scores"][t][split] is not None)
         for t in tasks:
             v, d = r["scores"][t]["test"], r["scores"][t]["test"] - ref["scores"][t]["test"]
             cells.append(f"{v:.2f}" + ("" if name == "fp32" else f" ({d:+.2f})"))
