@@ -56,7 +56,7 @@ def merge_lora(weights: dict[str, np.ndarray], lora: dict, model_type: str) -> d
 
 def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "int8",
                         scheme: str = "per-channel", keep_fp32: list[str] | None = None,
-                        embeddings: str = "fp32") -> Path:
+                        embeddings: str = "int8") -> Path:
     """A one-task bundle whose backbone has ``task``'s adapter merged in (no LoRA inputs).
 
     ``scheme``, ``keep_fp32`` (MatMul node names; None: the export default) and ``embeddings``
@@ -65,9 +65,11 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
     """
     from safetensors.numpy import save_file
 
-    from mtpf_export.bundle import SAMPLE_TEXTS, _calibration_feeds, fp32_keep_nodes, read_checkpoint_tasks, read_lora
+    from mtpf_export.bundle import (
+        DEFAULT_FP32, SAMPLE_TEXTS, _calibration_feeds, fp32_keep_nodes, read_checkpoint_tasks, read_lora,
+    )
     from mtpf_export.graph import build_backbone, load_weights
-    from mtpf_export.quantize import quantize_backbone
+    from mtpf_export.quantize import matmul_errors, quantize_backbone
 
     ckpt, out = Path(ckpt), Path(out)
     (t,) = read_checkpoint_tasks(ckpt, [task])
@@ -87,12 +89,14 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
         assert not slots
         if precision == "int8":
             # The same recipe as the mtpf export, so the comparison is like for like.
-            keep = keep_fp32 if keep_fp32 is not None else \
-                fp32_keep_nodes(cfg["model_type"], int(cfg.get("num_hidden_layers", cfg.get("n_layers"))))
-            calib = None
-            if scheme == "static":
-                calib = _calibration_feeds(ckpt / "backbone" / "tokenizer.json", SAMPLE_TEXTS,
-                                           special, int(cfg["max_position_embeddings"]))
+            feeds = _calibration_feeds(ckpt / "backbone" / "tokenizer.json", SAMPLE_TEXTS,
+                                       special, int(cfg["max_position_embeddings"]))
+            keep = keep_fp32
+            if keep is None:  # no bundle to copy from: the export default, measured on this model
+                errors = matmul_errors(model, feeds) if DEFAULT_FP32.startswith("auto:") else None
+                keep = fp32_keep_nodes(cfg["model_type"], int(cfg.get("num_hidden_layers", cfg.get("n_layers"))),
+                                       DEFAULT_FP32, errors=errors)
+            calib = feeds if scheme == "static" else None
             quant = quantize_backbone(model, out / "backbone.onnx", scheme, keep, embeddings=embeddings,
                                       calibration=calib)
         elif precision == "fp32":

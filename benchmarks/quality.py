@@ -39,7 +39,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "int8-ffn-emb8": {"keep_fp32": "ffn", "embeddings": "int8"},
     "int8-auto2-emb8": {"keep_fp32": "auto:2", "embeddings": "int8"},
     "int8-auto4-emb8": {"keep_fp32": "auto:4", "embeddings": "int8"},
+    "int8-auto6": {"keep_fp32": "auto:6"},
     "int8-auto6-emb8": {"keep_fp32": "auto:6", "embeddings": "int8"},
+    "int8-auto8-emb8": {"keep_fp32": "auto:8", "embeddings": "int8"},
     "static-all": {"scheme": "static", "keep_fp32": "none"},
     "static-ffn": {"scheme": "static", "keep_fp32": "ffn"},
 }

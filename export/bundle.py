@@ -32,8 +32,8 @@ FP32_PARITY_TOL = 1e-3  # max |logit difference| the fp32 export may show agains
 # Which weight MatMuls stay fp32 in an INT8 export, by logical LoRA-slot name in every layer.
 # The study behind the default is docs/quantization.md (benchmarks/quality.py).
 FP32_PRESETS = {"none": (), "ffn_out": ("ffn_out",), "ffn": ("ffn_in", "ffn_out")}
-DEFAULT_FP32 = "ffn"
-DEFAULT_EMBEDDINGS = "fp32"
+DEFAULT_FP32 = "auto:6"
+DEFAULT_EMBEDDINGS = "int8"
 
 
 def keep_fp32_help() -> str:

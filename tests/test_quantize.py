@@ -114,15 +114,15 @@ def test_int8_embeddings_are_per_row_and_keep_the_lora_inputs(ckpt: Path) -> Non
 @pytest.mark.parametrize("recipe", [
     {"keep_fp32": "none", "embeddings": "int8"},
     {"keep_fp32": "auto:3", "embeddings": "int8"},
-    {"scheme": "static", "keep_fp32": "none"},
-    {"scheme": "per-tensor", "keep_fp32": "ffn_out@1"},
+    {"scheme": "static", "keep_fp32": "none", "embeddings": "fp32"},
+    {"scheme": "per-tensor", "keep_fp32": "ffn_out@1", "embeddings": "fp32"},
 ])
 def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_path: Path, recipe: dict) -> None:
     out = tmp_path / "b"
     m = export_bundle(ckpt, out, **recipe, **QUIET)
     q = m.quantization
     assert q["scheme"] == recipe.get("scheme", "per-channel")
-    assert q["embeddings"] == recipe.get("embeddings", "fp32")
+    assert q["embeddings"] == recipe["embeddings"]
     assert q["fp32_preset"] == recipe["keep_fp32"]
     if recipe["keep_fp32"].startswith("auto:"):
         errors = q["matmul_int8_errors"]
@@ -142,6 +142,15 @@ def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_
         diff = max(float(np.abs(a - b).max()) for a, b in zip(ref[task], got[task]))
         assert diff < 0.5, (task, diff)  # INT8 noise on a random tiny model, not garbage
     assert json.loads((out / "manifest.json").read_text())["backbone"]["quantization"]["scheme"] == q["scheme"]
+
+
+def test_default_recipe(ckpt: Path, tmp_path: Path) -> None:
+    """The default is the study's pick (docs/quantization.md): the 6 most sensitive weight
+    MatMuls fp32 and per-row INT8 embeddings."""
+    q = export_bundle(ckpt, tmp_path / "d", **QUIET).quantization
+    assert (q["scheme"], q["fp32_preset"], q["embeddings"]) == ("per-channel", "auto:6", "int8")
+    errors = q["matmul_int8_errors"]
+    assert sorted(q["fp32_matmuls_kept"]) == sorted(sorted(errors, key=lambda k: -errors[k])[:6])
 
 
 def test_cli_recipe_errors(ckpt: Path, tmp_path: Path, capsys) -> None:
