@@ -8,8 +8,10 @@ another. All per-task state is a dict keyed by task name and never mutated after
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from tokenizers import Encoding, Tokenizer
 
 from .decode import Classification, Entity, best_window, decode_bio, mean_pool, softmax, windows
 from .errors import BundleError, FingerprintError, InputError, TaskKindError, UnknownTaskError
-from .manifest import Manifest, TaskSpec, adapter_model_version, read_manifest, resolve_file
+from .manifest import MANIFEST, Manifest, TaskSpec, adapter_model_version, read_manifest, resolve_file
 
 # Lone surrogates cannot cross into the Rust tokenizer; replacing each by one U+FFFD keeps
 # every character offset valid for the caller's original string.
@@ -82,7 +84,14 @@ class Runtime:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
         self._session = _session(resolve_file(self.path, m.backbone), opts)
-        self._top = _session(resolve_file(self.path, m.top), opts) if m.top else None
+        # top.onnx serves only multi-task calls: its session is made on first use (an app that
+        # never calls analyze/run_mixed with several tasks does not pay its memory), from bytes
+        # checked against the manifest at that moment. The holder is shared by views.
+        self._verify = verify
+        self._top_opts = opts
+        self._top_holder: dict[str, Any] = {"session": None, "lock": threading.Lock()}
+        if m.top:
+            resolve_file(self.path, m.top)  # present and inside the bundle, or refused now
 
     # ---------------------------------------------------------------- loading
     def _load_head(self, spec: TaskSpec) -> _Head:
@@ -137,7 +146,25 @@ class Runtime:
     @property
     def shares_trunk(self) -> bool:
         """Whether ``analyze``/``run_mixed`` run the unadapted lower layers once per text."""
-        return self._top is not None
+        return self.manifest.top is not None
+
+    def _top_session(self) -> ort.InferenceSession:
+        holder = self._top_holder
+        with holder["lock"]:
+            if holder["session"] is None:
+                rel = self.manifest.top
+                assert rel is not None
+                path = resolve_file(self.path, rel)
+                data = path.read_bytes()
+                if self._verify and hashlib.sha256(data).hexdigest() != self.manifest.files.get(rel):
+                    raise BundleError(f"{path}: sha256 differs from {MANIFEST} (changed after the bundle "
+                                      f"was opened); re-export the bundle")
+                try:
+                    holder["session"] = ort.InferenceSession(data, self._top_opts,
+                                                             providers=["CPUExecutionProvider"])
+                except Exception as e:
+                    raise BundleError(f"{path}: ONNX Runtime cannot load it ({e})") from None
+            return holder["session"]
 
     def without_adapters(self) -> Runtime:
         """A view of this runtime that feeds no LoRA adapter: every task runs the plain
@@ -286,7 +313,7 @@ class Runtime:
         for i, spec in enumerate(row_spec):
             groups.setdefault(spec.name, []).append(i)
         out: list[np.ndarray | None] = [None] * len(rows)
-        if len(groups) == 1 or self._top is None:
+        if len(groups) == 1 or self.manifest.top is None:
             for name, idx in groups.items():
                 spec = self.manifest.tasks[name]
                 for i, o in zip(idx, self._run_rows([rows[i] for i in idx], spec, spec.kind == "tc")):
@@ -367,7 +394,7 @@ class Runtime:
         return out  # type: ignore[return-value]
 
     def _run_top(self, hiddens: list[np.ndarray], spec: TaskSpec, pooled: bool) -> list[np.ndarray]:
-        assert self._top is not None
+        top = self._top_session()
         out: list[np.ndarray | None] = [None] * len(hiddens)
         for chunk in self._batches([len(h) for h in hiddens]):
             width = max(len(hiddens[i]) for i in chunk)
@@ -376,7 +403,7 @@ class Runtime:
             for r, i in enumerate(chunk):
                 x[r, : len(hiddens[i])] = hiddens[i]
                 mask[r, : len(hiddens[i])] = 1
-            hidden = self._top.run(["last_hidden_state"], {"trunk_hidden": x, "attention_mask": mask},
+            hidden = top.run(["last_hidden_state"], {"trunk_hidden": x, "attention_mask": mask},
                                    self._run_options(spec))[0]
             for i, o in zip(chunk, self._head(hidden, mask, [len(hiddens[i]) - 2 for i in chunk], spec, pooled)):
                 out[i] = o

@@ -70,7 +70,7 @@ def test_analyze_equals_one_by_one(bundle: Path) -> None:
 def test_analyze_runs_top_layers_only_for_later_tasks(bundle: Path, monkeypatch) -> None:
     rt = Runtime(bundle)
     calls = {"full": 0, "top": 0}
-    full_run, top_run = rt._session.run, rt._top.run
+    full_run, top_run = rt._session.run, rt._top_session().run
 
     class Spy:
         def __init__(self, inner, key):
@@ -80,9 +80,51 @@ def test_analyze_runs_top_layers_only_for_later_tasks(bundle: Path, monkeypatch)
             calls[self.key] += 1
             return self.inner(*a, **k)
 
-    rt._session, rt._top = Spy(full_run, "full"), Spy(top_run, "top")
+    rt._session, rt._top_holder["session"] = Spy(full_run, "full"), Spy(top_run, "top")
     rt.analyze(TEXTS[0], ["ner", "tc", "probe"])
     assert calls == {"full": 1, "top": 2}
+
+
+def test_top_session_is_made_once_on_first_multitask_call(bundle: Path) -> None:
+    import threading
+
+    rt = Runtime(bundle)
+    floor = rt.without_adapters()
+    rt.classify(TEXTS[0], task="tc")
+    rt.tag(TEXTS[0], task="ner")
+    assert rt._top_holder["session"] is None  # single-task calls never load top.onnx
+    errors: list[BaseException] = []
+
+    def go() -> None:
+        try:
+            rt.analyze(TEXTS[0], ["ner", "tc"])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    made = rt._top_holder["session"]
+    assert made is not None
+    floor.analyze(TEXTS[0], ["ner", "tc"])
+    assert floor._top_holder["session"] is made  # views share it
+
+
+def test_top_onnx_changed_after_opening_is_refused(bundle: Path, tmp_path: Path) -> None:
+    from mtpf_runtime import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    rt = Runtime(copy)
+    data = bytearray((copy / "top.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "top.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="top.onnx: sha256 differs"):
+        rt.analyze(TEXTS[0], ["ner", "tc"])
+    assert isinstance(rt.tag(TEXTS[0], task="ner"), list)  # single-task calls are unaffected
 
 
 def test_mixed_batch_equals_per_task_calls(bundle: Path) -> None:
@@ -136,7 +178,7 @@ def test_schema_1_bundle_still_loads(bundle: Path, tmp_path: Path) -> None:
         (old / rel).unlink()
     (old / "manifest.json").write_text(json.dumps(m))
     rt, new = Runtime(old, batch_size=1), Runtime(bundle, batch_size=1)
-    assert rt._top is None
+    assert not rt.shares_trunk
     got = rt.analyze(TEXTS, ["ner", "tc"])
     _same(got["ner"], new.tag(TEXTS, task="ner"), 1e-4)
     _same(got["tc"], new.classify(TEXTS, task="tc"), 1e-4)

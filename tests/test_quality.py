@@ -1,0 +1,71 @@
+"""benchmarks/quality.py: the INT8 quality study scores tasks correctly, end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("seqeval")
+
+from ckpt_factory import make_checkpoint  # noqa: E402
+from conftest import require_data  # noqa: E402
+from mtpf_benchmarks.quality import load_task_data, main, word_tags  # noqa: E402
+from mtpf_export.bundle import export_bundle  # noqa: E402
+from mtpf_runtime import Runtime  # noqa: E402
+from mtpf_runtime.decode import Entity  # noqa: E402
+
+CONLL = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+TREC = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+def test_word_tags_maps_entities_back_to_words() -> None:
+    words = ["Peter", "Blackburn", "met", "Angela", "Merkel", "in", "Berlin", "."]
+    spans, pos = [], 0
+    for w in words:
+        spans.append((pos, pos + len(w)))
+        pos += len(w) + 1
+    ents = [Entity("PER", 0, 15, "Peter Blackburn", 0.9), Entity("PER", 20, 33, "Angela Merkel", 0.9),
+            Entity("LOC", 37, 43, "Berlin", 0.8)]
+    assert word_tags(ents, spans) == ["B-PER", "I-PER", "O", "B-PER", "I-PER", "O", "B-LOC", "O"]
+    assert word_tags([], spans) == ["O"] * len(words)
+
+
+def test_study_end_to_end_scores_what_the_runtime_returns(tiny_bert: Path, tmp_path: Path) -> None:
+    require_data()
+    tasks = {"ner": {"kind": "ner", "labels": CONLL, "adapter": "ner", "layers": (1,), "rank": 4},
+             "tc": {"kind": "tc", "labels": TREC, "adapter": None}}
+    ckpt = make_checkpoint(tiny_bert, tmp_path / "ckpt", tasks=tasks)
+    for name, dataset in (("ner", "conll2003"), ("tc", "trec")):
+        f = ckpt / "tasks" / f"{name}.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "dataset": dataset}))
+    out = tmp_path / "study"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--max-eval", "40",
+                 "--recipe", "int8-all-emb8"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["recipes"]) == {"fp32", "int8-all-emb8"}
+    assert res["tasks"]["tc"] == {"kind": "tc", "dataset": "trec", "dev": 0, "test": 40}
+    for r in res["recipes"].values():
+        assert r["scores"]["tc"]["dev"] is None  # TREC has no dev split
+        for t in ("ner", "tc"):
+            assert 0.0 <= r["scores"][t]["test"] <= 100.0
+    assert res["recipes"]["int8-all-emb8"]["size"]["backbone_mb"] < res["recipes"]["fp32"]["size"]["backbone_mb"]
+    # the fp32 TC score is the accuracy of Runtime.classify on the same seeded cut
+    export_bundle(ckpt, tmp_path / "b", precision="fp32", ort_format=False, log=lambda *a: None)
+    ds = load_task_data("trec", 40)
+    got = Runtime(tmp_path / "b").classify([ex.text for ex in ds.test], task="tc")
+    acc = 100.0 * float(np.mean([g.label == ex.label for g, ex in zip(got, ds.test)]))
+    assert res["recipes"]["fp32"]["scores"]["tc"]["test"] == pytest.approx(acc)
+    table = (out / "results.md").read_text()
+    assert "| fp32 |" in table and "| int8-all-emb8 |" in table
+    assert not (out / "bundles" / "fp32").exists()  # bundles are removed once scored
+
+
+def test_unknown_dataset_is_skipped_with_a_note(tiny_bert: Path, tmp_path: Path, capsys) -> None:
+    ckpt = make_checkpoint(tiny_bert, tmp_path / "ckpt", tasks={"tc": {"kind": "tc", "labels": TREC,
+                                                                       "adapter": None}})
+    assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--recipe", "int8-all"]) == 2
+    assert "no task with a loadable data set" in capsys.readouterr().err
