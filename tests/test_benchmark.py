@@ -7,6 +7,7 @@ speed is never asserted; timings on a shared CI machine mean nothing.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -119,3 +120,7 @@ def test_quick_benchmark_runs_and_writes_sane_results(setup: dict[str, Path]) ->
     assert {t["target"] for t in res["targets"]} >= {"adapter_overhead", "rss_k_over_merged1",
                                                       "merged_k_over_mtpf", "throughput_b32"}
     assert all(t["status"] in ("PASS", "FAIL", "SKIP") for t in res["targets"])
+    if importlib.util.find_spec("matplotlib"):  # the bench extra installs it
+        for png in ("latency_vs_seq.png", "memory_vs_tasks.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert not any("matplotlib" in n for n in res["notes"])
