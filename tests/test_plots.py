@@ -1,0 +1,47 @@
+"""training/plots.py: the study's plots read mtpf-compare results correctly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from mtpf_training.plots import load_means, main  # noqa: E402
+
+NER_SET = {"epochs": 3, "low_resource": False}
+TC_SET = {"max_train": 500}
+
+
+def _results(tmp_path: Path) -> Path:
+    runs = []
+    for mode, add in (("base", 0.0), ("tpl", 0.05), ("s1", 0.02)):
+        for seed, jitter in ((0, 0.0), (1, 0.02)):
+            runs.append({"mode": mode, "dataset": "conll2003", "seed": seed, "kind": "ner", "settings": NER_SET,
+                         "value": 0.30 + add + jitter})
+            runs.append({"mode": mode, "dataset": "sst2", "seed": seed, "kind": "tc", "settings": TC_SET,
+                         "value": 0.80 + add})
+    # a run with other settings (e.g. a low-resource pass in the same file) is left out
+    runs.append({"mode": "base", "dataset": "conll2003", "seed": 0, "kind": "ner",
+                 "settings": {**NER_SET, "low_resource": True}, "value": 0.0})
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": runs}))
+    return path
+
+
+def test_means_per_mode_and_dataset(tmp_path: Path) -> None:
+    mean, kind = load_means(_results(tmp_path))
+    assert mean[("base", "conll2003")] == pytest.approx(31.0)  # (30 + 32) / 2, the low-resource run ignored
+    assert mean[("tpl", "sst2")] == pytest.approx(85.0)
+    assert kind == {"conll2003": "ner", "sst2": "tc"}
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    res = _results(tmp_path)
+    assert main(["deltas", str(res), "--out", str(tmp_path / "d.png"), "--modes", "tpl,s1"]) == 0
+    assert main(["scale", str(res), "--out", str(tmp_path / "s.png"), "--points", "s1=1333,tpl=4000"]) == 0
+    for png in ("d.png", "s.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert main(["deltas", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.png")]) == 2

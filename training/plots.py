@@ -1,0 +1,120 @@
+"""Plots of ``mtpf-compare`` results (matplotlib, from the bench extra).
+
+    python -m mtpf_training.plots deltas runs/table/results.json --out deltas.png [--modes ner,tc,naive,tpl]
+    python -m mtpf_training.plots scale runs/abl/results.json --out scale.png --points s1=1333,tpl=4000,s3=12000
+
+``deltas``: per dataset, each mode's metric minus base's (mean over seeds, x100), NER and TC
+panels. ``scale``: family average against pre-finetuning data size, one point per mode
+(``MODE=SIZE``; size is whatever the caller measured, e.g. raw sentences), base as a line.
+Per task family, only runs with the settings most runs of that family used are drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def load_means(path: Path) -> tuple[dict[tuple[str, str], float], dict[str, str]]:
+    """(mode, dataset) -> mean metric x100 over seeds; dataset -> kind."""
+    runs = json.loads(Path(path).read_text())["runs"]
+    settings: dict[str, Counter] = defaultdict(Counter)  # per kind: the settings most runs used
+    for r in runs:
+        settings[r["kind"]][json.dumps(r["settings"], sort_keys=True)] += 1
+    chosen = {k: c.most_common(1)[0][0] for k, c in settings.items()}
+    vals: dict[tuple[str, str], list[float]] = defaultdict(list)
+    kind: dict[str, str] = {}
+    for r in runs:
+        if json.dumps(r["settings"], sort_keys=True) == chosen[r["kind"]]:
+            vals[(r["mode"], r["dataset"])].append(100 * r["value"])
+            kind[r["dataset"]] = r["kind"]
+    return {k: float(np.mean(v)) for k, v in vals.items()}, kind
+
+
+def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, kind = load_means(results)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, fam, label in zip(axes, ("ner", "tc"), ("NER: test F1 − base", "TC: test accuracy − base")):
+        names = sorted(d for d, k in kind.items() if k == fam and ("base", d) in mean)
+        x = np.arange(len(names))
+        width = 0.8 / max(len(modes), 1)
+        for i, m in enumerate(modes):
+            ys = [mean.get((m, d), np.nan) - mean[("base", d)] for d in names]
+            ax.bar(x + i * width - 0.4 + width / 2, ys, width, label=m)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+        ax.set(title=label, ylabel="points")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_scale(results: Path, out: Path, points: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, kind = load_means(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, fam, label in zip(axes, ("ner", "tc"), ("NER average F1", "TC average accuracy")):
+        names = sorted(d for d, k in kind.items() if k == fam)
+
+        def avg(mode: str) -> float:
+            have = [mean[(mode, d)] for d in names if (mode, d) in mean]
+            return float(np.mean(have)) if len(have) == len(names) else np.nan
+
+        xs = sorted(points, key=points.get)
+        ax.plot([points[m] for m in xs], [avg(m) for m in xs], marker="o", label="tpl")
+        for m in xs:
+            ax.annotate(m, (points[m], avg(m)), fontsize=8)
+        if any(("base", d) in mean for d in names):
+            ax.axhline(avg("base"), color="gray", linestyle="--", label="base")
+        ax.set_xscale("log")
+        ax.set(title=label, xlabel="pre-finetuning data (raw sentences = pairs per source)", ylabel="x100")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mtpf_training.plots", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["deltas", "scale"])
+    ap.add_argument("results", type=Path, help="an mtpf-compare results.json")
+    ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    ap.add_argument("--modes", default="ner,tc,naive,tpl", help="deltas: modes to draw against base")
+    ap.add_argument("--points", default="", help="scale: MODE=SIZE,... (e.g. s1=1333,tpl=4000,s3=12000)")
+    args = ap.parse_args(argv)
+    try:
+        if args.what == "deltas":
+            plot_deltas(args.results, args.out, [m for m in args.modes.split(",") if m])
+        else:
+            pts: dict[str, Any] = {}
+            for item in filter(None, args.points.split(",")):
+                mode, _, size = item.partition("=")
+                pts[mode] = float(size)
+            if not pts:
+                ap.error("scale needs --points MODE=SIZE,...")
+            plot_scale(args.results, args.out, pts)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"plots: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
