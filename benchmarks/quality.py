@@ -158,14 +158,14 @@ def markdown(res: dict[str, Any]) -> str:
         cells = [name, f"{r['size']['backbone_mb']:.1f}", f"{r['scores']['_seq128_ms_1thread']:.1f}"]
         worst = {}
         for split in ("dev", "test"):
-            worst[split] = max(ref["scores"][t][split] - r["scores"][t][split] for t in tasks
-                               if r["scores"][t][split] is not None)
+            worst[split] = max((ref["scores"][t][split] - r["scores"][t][split] for t in tasks
+                                if r["scores"][t][split] is not None), default=None)
         for t in tasks:
             v, d = r["scores"][t]["test"], r["scores"][t]["test"] - ref["scores"][t]["test"]
             cells.append(f"{v:.2f}" + ("" if name == "fp32" else f" ({d:+.2f})"))
-        ok = worst["test"] <= BOUND and worst["dev"] <= BOUND
-        cells += ["" if name == "fp32" else f"{worst['dev']:.2f}", "" if name == "fp32" else f"{worst['test']:.2f}",
-                  "" if name == "fp32" else ("yes" if ok else "no")]
+        ok = all(w is None or w <= BOUND for w in worst.values())
+        cells += ["" if name == "fp32" or w is None else f"{w:.2f}" for w in (worst["dev"], worst["test"])]
+        cells += ["" if name == "fp32" else ("yes" if ok else "no")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -69,3 +69,18 @@ def test_unknown_dataset_is_skipped_with_a_note(tiny_bert: Path, tmp_path: Path,
                                                                        "adapter": None}})
     assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), "--recipe", "int8-all"]) == 2
     assert "no task with a loadable data set" in capsys.readouterr().err
+
+
+def test_table_with_only_dev_less_tasks() -> None:
+    """A suite whose only task has no dev split (TREC) still gets its table."""
+    from mtpf_benchmarks.quality import markdown
+
+    def rec(test: float) -> dict:
+        return {"scores": {"trec": {"dev": None, "test": test}, "_seq128_ms_1thread": 20.0},
+                "size": {"backbone_mb": 34.0, "top_mb": 5.0}}
+
+    res = {"checkpoint": "c", "max_eval": 300, "machine": "x", "seconds": 1.0,
+           "tasks": {"trec": {"kind": "tc", "dataset": "trec", "dev": 0, "test": 300}},
+           "recipes": {"fp32": rec(82.0), "int8-all": rec(81.0)}}
+    row = next(line for line in markdown(res).splitlines() if line.startswith("| int8-all |"))
+    assert row.endswith("| 81.00 (-1.00) |  | 1.00 | no |")
