@@ -127,6 +127,20 @@ def time_calls(fn, p: Params) -> list[float]:
     return times
 
 
+def interleaved_p50(fa, fb, rounds: int) -> tuple[float, float]:
+    """Median ms of ``fa`` and of ``fb``, called alternately (order flipped every round) after
+    one warm-up call each, so both see the same machine load."""
+    fa(), fb()
+    ta: list[float] = []
+    tb: list[float] = []
+    for r in range(rounds):
+        for f, sink in ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta)):
+            t = time.perf_counter()
+            f()
+            sink.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(ta)), float(np.median(tb))
+
+
 def pct(times: list[float]) -> dict:
     p50, p95, p99 = np.percentile(np.asarray(times), [50, 95, 99])
     return {"n": len(times), "p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99),
@@ -262,14 +276,7 @@ def worker_paired(spec: dict, p: Params) -> dict:
         seq = OVERHEAD_SEQ if _fits(max_len, OVERHEAD_SEQ) else max_len - 2
         texts = piece_texts(tok, seq, batch)
         fm, ff = (lambda: call(rt, kind, texts, task)), (lambda: call(floor, kind, texts, task))
-        fm(), ff()
-        tm, tf = [], []
-        for r in range(rounds):
-            for f, sink in ((fm, tm), (ff, tf)) if r % 2 == 0 else ((ff, tf), (fm, tm)):
-                t = time.perf_counter()
-                f()
-                sink.append((time.perf_counter() - t) * 1e3)
-        mm, mf = float(np.median(tm)), float(np.median(tf))
+        mm, mf = interleaved_p50(fm, ff, rounds)
         out[task] = {"kind": kind, "seq": seq, "batch": batch, "threads": threads, "n": rounds,
                      "mtpf_p50_ms": mm, "floor_p50_ms": mf,
                      "ratio": mm / mf if mode == "overhead" else mf / mm,  # throughput: higher is better
@@ -299,15 +306,8 @@ def worker_multitask(spec: dict, p: Params) -> dict:
             fa = lambda: rt.run_mixed(reqs)  # noqa: E731
             fb = lambda: (rt.tag([t for t, k in reqs if k == tn], task=tn),  # noqa: E731
                           rt.classify([t for t, k in reqs if k == tc], task=tc))
-        fa(), fb()
-        ta, tb = [], []
         rounds = p.paired_rounds if mode == "analyze" else p.throughput_rounds
-        for r in range(rounds):
-            for f, sink in ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta)):
-                t = time.perf_counter()
-                f()
-                sink.append((time.perf_counter() - t) * 1e3)
-        ma, mb = float(np.median(ta)), float(np.median(tb))
+        ma, mb = interleaved_p50(fa, fb, rounds)
         out[mode] = {"threads": threads, "n": rounds, "combined_p50_ms": ma, "separate_p50_ms": mb,
                      "ratio": ma / mb, "shared_trunk": rt.shares_trunk}
     return out

@@ -66,7 +66,8 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
     from safetensors.numpy import save_file
 
     from mtpf_export.bundle import (
-        DEFAULT_FP32, SAMPLE_TEXTS, _calibration_feeds, fp32_keep_nodes, read_checkpoint_tasks, read_lora,
+        DEFAULT_FP32, SAMPLE_TEXTS, _calibration_feeds, _tokenizer_info, fp32_keep_nodes, read_checkpoint_tasks,
+        read_lora,
     )
     from mtpf_export.graph import build_backbone, load_weights
     from mtpf_export.quantize import matmul_errors, quantize_backbone
@@ -80,7 +81,7 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
     if out.exists():
         shutil.rmtree(out)
     (out / "heads").mkdir(parents=True)
-    special = _copy_tokenizer(ckpt / "backbone" / "tokenizer.json", out / "tokenizer.json")
+    special = _tokenizer_info(ckpt / "backbone", out / "tokenizer.json")
     with tempfile.TemporaryDirectory(prefix="mtpf-merged-") as tmp:
         bdir = Path(tmp)
         save_file(weights, str(bdir / "model.safetensors"))
@@ -118,19 +119,6 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
     (out / MANIFEST).write_text(json.dumps(m.to_dict(), indent=2) + "\n")
     read_manifest(out, verify=True)
     return out
-
-
-def _copy_tokenizer(src: Path, dest: Path) -> dict:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(src))
-    tok.no_truncation()
-    tok.no_padding()
-    tok.save(str(dest))
-    ids = {k: tok.token_to_id(v) for k, v in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"))}
-    if None in ids.values():
-        raise ValueError(f"{src}: tokenizer lacks [CLS]/[SEP]/[PAD]")
-    return ids
 
 
 # ---------------------------------------------------------------- the alternatives as engines
