@@ -227,6 +227,20 @@ def test_results_of_another_checkpoint_are_not_mixed(tiny_bert: Path, tpl_ckpt: 
         compare.compare({"tpl": str(tiny_bert)}, ["toy_tc"], out, loader=_loader, echo=lambda m: None)
 
 
+def test_datasets_seen_in_pre_finetuning_are_refused(tpl_ckpt: Path, tmp_path: Path) -> None:
+    cfg_path = tpl_ckpt / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["pretrain"] = {"config": {"mode": "tpl", "label_pair_sources": ["toy_tc", "imdb"]}}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(compare.CompareError, match=r"labels of \['toy_tc'\].*not be held out"):
+        compare.compare({"tpl": str(tpl_ckpt)}, ["toy_ner", "toy_tc"], tmp_path / "out", loader=_loader,
+                        echo=lambda m: None)
+    assert not list((tmp_path / "out").glob("runs/*"))  # refused before any run
+    data = compare.compare({"tpl": str(tpl_ckpt)}, ["toy_ner"], tmp_path / "out", loader=_loader,
+                           settings=Settings(epochs=1), echo=lambda m: None)
+    assert [r["dataset"] for r in data["runs"]] == ["toy_ner"]
+
+
 def test_cli_parses_modes_and_rejects_bad_specs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert list(compare.parse_checkpoints(["tpl=a", "base=minilm", "x=b"])) == ["base", "tpl", "x"]
     with pytest.raises(SystemExit) as e:

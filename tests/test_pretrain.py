@@ -53,12 +53,16 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "pairs/wordnet_gloss").mkdir(parents=True)
     rows = [f"{a}\t{b}" for a, b in zip(sents[::2], sents[1::2])]
     (root / "pairs/wordnet_gloss/pairs.tsv").write_text("sentence\tgloss\n" + "\n".join(rows) + "\n")
+    (root / "tc/sms_spam").mkdir(parents=True)  # a labelled pair source: label<TAB>text
+    spam = [f"{('ham', 'spam')[i % 3 == 0]}\t{s}" for i, s in enumerate(sents)]
+    (root / "tc/sms_spam/SMSSpamCollection").write_text("\n".join(spam))
     return root
 
 
 def tiny_cfg(teacher_dir: Path, root: Path, **kw) -> pt.PretrainConfig:
     base = dict(teacher=f"hf:{teacher_dir}", teacher_layers=(-1, -2), ner_raw=("brown",), n_clusters=8,
                 pair_sources=("wordnet_gloss",), raw_pair_sources=("dropout:brown", "neighbours:brown"),
+                label_pair_sources=("sms_spam",),
                 steps=6, ner_batch_size=4, tc_batch_size=4, checkpoint_every=0, lora_rank=4, lora_alpha=8,
                 data_root=str(root), max_length=64)
     base.update(kw)
@@ -104,6 +108,56 @@ def test_info_nce_by_hand():
     assert info_nce(anchor, positive, tau, symmetric=True) == pytest.approx((forward + backward) / 2, abs=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         info_nce(anchor, positive, 0.0)
+
+
+def test_info_nce_groups_mask_same_class_negatives():
+    anchor = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    positive = torch.tensor([[1.0, 0.2], [0.3, 1.0], [1.0, 0.9]])
+    tau = 0.1
+    logits = torch.nn.functional.normalize(anchor, dim=-1) @ torch.nn.functional.normalize(positive, dim=-1).T / tau
+    # rows 0 and 2 share class 7: neither is the other's negative; row 1 (-1) sees every row
+    keep = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    by_hand = sum(-logits[i, i] + torch.logsumexp(logits[i][keep[i]], 0) for i in range(3)) / 3
+    got = info_nce(anchor, positive, tau, groups=torch.tensor([7, -1, 7]))
+    assert got == pytest.approx(float(by_hand), abs=1e-5)
+    assert got < info_nce(anchor, positive, tau)  # a masked negative only ever lowers the loss
+    # all rows of one class: only the partner is left, the loss is 0, not NaN
+    assert info_nce(anchor, positive, tau, groups=torch.tensor([3, 3, 3])) == pytest.approx(0.0, abs=1e-6)
+    assert info_nce(anchor, positive, tau, groups=torch.tensor([-1, -1, -1])) == info_nce(anchor, positive, tau)
+    with pytest.raises(ValueError, match="groups"):
+        info_nce(anchor, positive, tau, groups=torch.tensor([0, 1]))
+
+
+def test_label_pairs_pair_two_different_texts_of_one_class():
+    texts = [f"t{i}" for i in range(9)]
+    labels = ["a", "b", "a", "a", "c", "b", "a", "b", "b"]  # c has one text: no pair
+    pairs = pt.label_pairs(texts, labels, seed=0, salt="x")
+    assert [a for a, _, _ in pairs] == [t for t, lab in zip(texts, labels) if lab != "c"]
+    for a, p, lab in pairs:
+        assert a != p and labels[texts.index(p)] == lab == labels[texts.index(a)]
+    assert pairs == pt.label_pairs(texts, labels, seed=0, salt="x")  # seeded
+    partners = {p for _, p, lab in pt.label_pairs(texts * 50, labels * 50, 0, "y") if lab == "a"}
+    assert len(partners) == 4  # every other text of the class is drawn
+
+
+def test_tc_pairs_sources_groups_and_per_source_batches(toy_root: Path):
+    cfg = tiny_cfg(toy_root, toy_root, mode="tc")
+    tc = pt.load_tc_pairs(cfg)
+    counts = tc.counts()
+    assert set(counts) == {"wordnet_gloss", "dropout:brown", "neighbours:brown", "labels:sms_spam"}
+    a, b = tc.spans["labels:sms_spam"]
+    assert set(tc.groups[a:b]) == {0, 1} and set(tc.groups[:a]) == {-1}
+    for (x, y), g in zip(tc.pairs[a:b], tc.groups[a:b]):
+        assert x != y
+    drawn = {pt.tc_stream_for_step(cfg, step, counts) for step in range(200)}
+    assert drawn == {f"tc:{k}" for k in counts}  # every source gets batches
+    assert pt.tc_stream_for_step(dataclasses.replace(cfg, tc_batching="mixed"), 3, counts) == "tc"
+    with pytest.raises(ValueError, match="tc_batching"):
+        dataclasses.replace(cfg, tc_batching="sometimes")
+    with pytest.raises(ValueError, match=r"conll2003 \(ner\).*must be registered TC datasets"):
+        dataclasses.replace(cfg, label_pair_sources=("conll2003",))
+    with pytest.raises(ValueError, match=r"nope \(not registered\)"):
+        dataclasses.replace(cfg, label_pair_sources=("nope",))
 
 
 def test_cluster_ce_by_hand_and_ignore_index():
@@ -213,7 +267,8 @@ def test_task_loras_only_move_on_their_own_task(encoder: str, request: pytest.Fi
     pad = tok.pad_token_id
     rng = np.random.default_rng(0)
     ner_data = [(tok(" ".join(WORDS[:6]))["input_ids"], [-100] + rng.integers(0, 8, 6).tolist() + [-100])] * 4
-    tc_data = [("alice saw the dog", "bob saw a cat"), ("paris and london", "big small house")] * 2
+    tc_data = pt.TcPairs([("alice saw the dog", "bob saw a cat"), ("paris and london", "big small house")] * 2,
+                         [-1, -1, 0, 0], {"toy": (0, 4)})
     ner_batch = pt.make_batch("ner", ner_data, [0, 1, 2, 3], tok, pad, 32)
     tc_batch = pt.make_batch("tc", tc_data, [0, 1, 2, 3], tok, pad, 32)
 
@@ -341,10 +396,12 @@ def test_cli_runs_and_explains_missing_teacher(tiny_bert: Path, toy_root: Path, 
                                                capsys: pytest.CaptureFixture[str]):
     args = [str(tmp_path / "cli"), "--base", str(tiny_bert), "--mode", "tc", "--steps", "2",
             "--pair-sources", "wordnet_gloss", "--raw-pair-sources", "dropout:brown", "--tc-batch-size", "4",
+            "--label-pair-sources", "sms_spam", "--tc-batching", "mixed",
             "--data-root", str(toy_root), "--no-progress", "--symmetric"]
     assert pt.main(args) == 0
     cfg = ck.read_config(tmp_path / "cli")["pretrain"]["config"]
     assert cfg["symmetric"] is True and cfg["steps"] == 2 and cfg["pair_sources"] == ["wordnet_gloss"]
+    assert cfg["label_pair_sources"] == ["sms_spam"] and cfg["tc_batching"] == "mixed"
     monkeypatch.setattr("mtpf_training.teachers.default_teacher", lambda: None)
     with pytest.raises(SystemExit) as e:
         pt.main([str(tmp_path / "cli2"), "--base", str(tiny_bert), "--mode", "ner", "--data-root", str(toy_root)])
@@ -364,6 +421,7 @@ def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: P
     cmd = [torchrun, "--nproc_per_node=2", "-m", "mtpf_training.pretrain", str(out), "--base", str(tiny_bert),
            "--mode", "tpl", "--teacher", f"hf:{tiny_bert}", "--teacher-layers=-1,-2", "--ner-raw", "brown",
            "--n-clusters", "8", "--pair-sources", "wordnet_gloss", "--raw-pair-sources", "dropout:brown",
+           "--label-pair-sources", "sms_spam",
            "--steps", "4", "--ner-batch-size", "2", "--tc-batch-size", "2", "--checkpoint-every", "2",
            "--lora-rank", "4", "--lora-alpha", "8", "--data-root", str(toy_root), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -257,6 +257,18 @@ def check_modes(data: dict[str, Any], modes: dict[str, Path]) -> None:
         data["checkpoints"][mode] = {"path": str(ckpt), "fingerprint": fp}
 
 
+def check_held_out(modes: dict[str, Path], datasets: Sequence[str]) -> None:
+    """Refuse to score a checkpoint on a dataset whose labels its pre-finetuning trained on."""
+    for mode, ckpt in modes.items():
+        pre = ck.read_config(ckpt).get("pretrain") or {}
+        used = set((pre.get("config") or {}).get("label_pair_sources") or ())
+        clash = [d for d in datasets if d in used]
+        if clash:
+            raise CompareError(f"mode {mode!r}: checkpoint {ckpt} was pre-finetuned on the labels of {clash} "
+                               "(label_pair_sources); its scores there would not be held out. Drop them from "
+                               "--suite or pre-finetune without them")
+
+
 # =========================================================================== the table
 
 def _fmt(values: list[float], seeds: int) -> str:
@@ -393,6 +405,7 @@ def compare(
     results_path = out / "results.json"
     data = load_results(results_path)
     check_modes(data, modes)
+    check_held_out(modes, datasets)
     save_results(results_path, data)
     done = {r["key"] for r in data["runs"]}
     total = len(datasets) * len(modes) * len(seeds)

