@@ -171,6 +171,24 @@ def test_low_resource_takes_ten_percent_deterministically() -> None:
     assert len(capped.test) == 4 and len(capped.dev) == 4
 
 
+def test_per_seed_training_subsets() -> None:
+    ds = toy_tc()
+    fixed = Settings(max_train=8, max_test=4)
+    per = Settings(max_train=8, max_test=4, train_subsets="per-seed")
+    f0, f1 = compare.prepare_dataset(ds, fixed, 0), compare.prepare_dataset(ds, fixed, 1)
+    p0, p1 = compare.prepare_dataset(ds, per, 0), compare.prepare_dataset(ds, per, 1)
+    assert f0 == f1 and p0 == f0  # seed 0 draws the same subset either way
+    assert p1.train != p0.train and len(p1.train) == 8 and set(p1.train) <= set(ds.train)
+    assert p1.test == p0.test and p1.dev == p0.dev  # scored on the same examples
+    lr = Settings(low_resource=True, train_subsets="per-seed")
+    big = toy_ner(n_train=50)
+    assert compare.prepare_dataset(big, lr, 1).train != compare.prepare_dataset(big, lr, 0).train
+    # the default leaves run keys as they were before the setting existed: old results still resume
+    assert "train_subsets" not in fixed.for_kind("tc") and per.for_kind("tc")["train_subsets"] == "per-seed"
+    with pytest.raises(compare.CompareError, match="per-seed"):
+        Settings(train_subsets="sometimes")
+
+
 # --------------------------------------------------------------------------- end to end on the tiny model
 
 def test_compare_end_to_end_resumes_and_uses_tpl_adapters(

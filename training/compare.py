@@ -78,10 +78,20 @@ class Settings:
     ner_max_length: int = 128
     tc_max_length: int = 256
     cache_lower_layers: bool = True  # frozen lower layers once, in eval mode (see adapt.py)
+    # "fixed": every seed trains on the seed-0 subset (seeds vary NER init and order only; a TC
+    # probe is then deterministic); "per-seed": seed s draws its own training subset (and
+    # low-resource cut), so TC cells get a spread too. Test and dev subsets stay fixed.
+    train_subsets: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.train_subsets not in ("fixed", "per-seed"):
+            raise CompareError(f"train_subsets {self.train_subsets!r}; choose fixed or per-seed")
 
     def for_kind(self, kind: str) -> dict[str, Any]:
         """The settings a run of this kind depends on: TC runs ignore the NER-only ones."""
         d = asdict(self)
+        if d["train_subsets"] == "fixed":
+            d.pop("train_subsets")  # absent from the keys of runs made before the field existed
         if kind == "tc":
             for k in ("epochs", "low_resource", "lr", "ner_batch_size", "ner_max_length", "cache_lower_layers"):
                 d.pop(k)
@@ -117,18 +127,20 @@ def _cap(examples: tuple, n: int | None, seed: int = SUBSET_SEED) -> tuple:
     return tuple(examples[i] for i in keep)
 
 
-def low_resource_train(examples: tuple) -> tuple:
-    """10% of a training set (at least one example), fixed seed: the same cut every time."""
-    return _cap(examples, max(1, round(LOW_RESOURCE_FRACTION * len(examples))))
+def low_resource_train(examples: tuple, seed: int = SUBSET_SEED) -> tuple:
+    """10% of a training set (at least one example); the same cut for every call with ``seed``."""
+    return _cap(examples, max(1, round(LOW_RESOURCE_FRACTION * len(examples))), seed)
 
 
-def prepare_dataset(ds: Dataset, settings: Settings) -> Dataset:
+def prepare_dataset(ds: Dataset, settings: Settings, seed: int = SUBSET_SEED) -> Dataset:
+    """Capped splits; ``seed`` draws the training subset when ``settings.train_subsets`` is per-seed."""
+    draw = seed if settings.train_subsets == "per-seed" else SUBSET_SEED
     train = ds.train
     if settings.low_resource and ds.kind == "ner":
-        train = low_resource_train(train)
+        train = low_resource_train(train, draw)
     # NER selects nothing on dev (fixed epochs), so its dev split is not evaluated; TC picks C on it.
     dev = _cap(ds.dev, settings.max_test) if ds.kind == "tc" else ()
-    return replace(ds, train=_cap(train, settings.max_train), dev=dev, test=_cap(ds.test, settings.max_test))
+    return replace(ds, train=_cap(train, settings.max_train, draw), dev=dev, test=_cap(ds.test, settings.max_test))
 
 
 # =========================================================================== checkpoints
@@ -411,10 +423,12 @@ def compare(
     total = len(datasets) * len(modes) * len(seeds)
     i = 0
     for name in datasets:
-        ds = prepare_dataset(loader(name), settings)
+        full = loader(name)
+        per_seed = {seed: prepare_dataset(full, settings, seed) for seed in seeds}
         for mode, ckpt in modes.items():
-            cache = FeatureCache()  # one backbone and dataset: shared by the seeds
+            cache = FeatureCache()  # one backbone and dataset: shared by the seeds (rows keyed by example)
             for seed in seeds:
+                ds = per_seed[seed]
                 i += 1
                 key = run_key(mode, name, seed, settings.for_kind(ds.kind))
                 if key in done:
@@ -464,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3, help="NER LoRA epochs")
     p.add_argument("--lr", type=float, default=1e-3, help="NER LoRA learning rate")
     p.add_argument("--ner-batch-size", type=int, default=32, help="NER training batch size")
+    p.add_argument("--train-subsets", choices=("fixed", "per-seed"), default="fixed",
+                   help="fixed: every seed trains on the seed-0 subset; per-seed: each seed draws its own "
+                        "training subset (a real spread for the deterministic TC probe)")
     p.add_argument("--low-resource", action="store_true",
                    help="NER: 10%% of each training set (seed 0), before --max-train")
     p.add_argument("--no-cache-lower-layers", action="store_true",
@@ -484,7 +501,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise CompareError("--epochs and --ner-batch-size must be >= 1 and --lr > 0")
     return Settings(max_train=args.max_train, max_test=args.max_test, epochs=args.epochs,
                     low_resource=args.low_resource, lr=args.lr, ner_batch_size=args.ner_batch_size,
-                    cache_lower_layers=not args.no_cache_lower_layers)
+                    cache_lower_layers=not args.no_cache_lower_layers, train_subsets=args.train_subsets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
