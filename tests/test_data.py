@@ -340,3 +340,20 @@ def test_to_iob2_properties(tags: list[str]) -> None:
     for prev, cur in zip(("O",) + out, out):
         if cur.startswith("I-"):
             assert prev[2:] == cur[2:] and prev != "O"
+
+
+def test_label_pair_sources_are_held_out_of_the_tc_suite(shared_data: Path) -> None:
+    """Pre-finetuning's labelled pair sets share no text with any split of the study's TC sets."""
+    from mtpf_training.compare import DEFAULT_TC
+    from mtpf_training.pretrain import LABEL_PAIR_SOURCES
+
+    def norm(s: str) -> str:
+        return re.sub(r"\s+", " ", s.lower()).strip()
+
+    assert not set(LABEL_PAIR_SOURCES) & set(DEFAULT_TC)
+    seen = {norm(ex.text) for n in LABEL_PAIR_SOURCES for ex in load_dataset(n, shared_data).train}
+    assert len(seen) > 50000
+    for name in DEFAULT_TC:
+        ds = load_dataset(name, shared_data)
+        shared = [ex.text for split in (ds.train, ds.dev, ds.test) for ex in split if norm(ex.text) in seen]
+        assert not shared, f"{name}: {len(shared)} texts also in a label pair source, e.g. {shared[:2]}"
