@@ -302,6 +302,23 @@ def test_task_loras_only_move_on_their_own_task(encoder: str, request: pytest.Fi
     assert moved(s2["pf_ner"], s3["pf_ner"]) and moved(s2["backbone"], s3["backbone"])
 
 
+def test_ner_backbone_lr_scale_zero_keeps_the_backbone_out_of_ner_steps(tiny_bert: Path, toy_root: Path,
+                                                                       tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=4, ner_backbone_lr_scale=0.0, lr_backbone=1e-3)
+    pt.pretrain(tmp_path / "frozen", tiny_bert, "ner", cfg, progress=False)
+    base = {f"backbone/{k}": v for k, v in load_file(tiny_bert / "model.safetensors").items()}
+    assert_same({k: v for k, v in tensors(tmp_path / "frozen").items() if k.startswith("backbone/")}, base)
+    pt.pretrain(tmp_path / "tpl", tiny_bert, "tpl", cfg, progress=False)
+    moved = tensors(tmp_path / "tpl")
+    assert any(not torch.equal(moved[k], base[k]) for k in base)  # TC steps still move it
+    pt.pretrain(tmp_path / "quarter", tiny_bert, "ner", dataclasses.replace(cfg, ner_backbone_lr_scale=0.25),
+                progress=False)
+    quarter = tensors(tmp_path / "quarter")
+    assert any(not torch.equal(quarter[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match="ner_backbone_lr_scale"):
+        dataclasses.replace(cfg, ner_backbone_lr_scale=1.5)
+
+
 # =========================================================================== every mode end to end
 
 def toy_ner() -> Dataset:
@@ -396,12 +413,15 @@ def test_cli_runs_and_explains_missing_teacher(tiny_bert: Path, toy_root: Path, 
                                                capsys: pytest.CaptureFixture[str]):
     args = [str(tmp_path / "cli"), "--base", str(tiny_bert), "--mode", "tc", "--steps", "2",
             "--pair-sources", "wordnet_gloss", "--raw-pair-sources", "dropout:brown", "--tc-batch-size", "4",
-            "--label-pair-sources", "sms_spam", "--tc-batching", "mixed",
+            "--label-pair-sources", "sms_spam", "--tc-batching", "per-source",
             "--data-root", str(toy_root), "--no-progress", "--symmetric"]
     assert pt.main(args) == 0
     cfg = ck.read_config(tmp_path / "cli")["pretrain"]["config"]
     assert cfg["symmetric"] is True and cfg["steps"] == 2 and cfg["pair_sources"] == ["wordnet_gloss"]
-    assert cfg["label_pair_sources"] == ["sms_spam"] and cfg["tc_batching"] == "mixed"
+    assert cfg["label_pair_sources"] == ["sms_spam"] and cfg["tc_batching"] == "per-source"
+    field = next(f for f in dataclasses.fields(pt.PretrainConfig) if f.name == "label_pair_sources")
+    assert pt._parse_value(field, "held-out") == pt.LABEL_PAIR_SOURCES
+    assert pt.PretrainConfig().label_pair_sources == () and pt.PretrainConfig().tc_batching == "mixed"
     monkeypatch.setattr("mtpf_training.teachers.default_teacher", lambda: None)
     with pytest.raises(SystemExit) as e:
         pt.main([str(tmp_path / "cli2"), "--base", str(tiny_bert), "--mode", "ner", "--data-root", str(toy_root)])

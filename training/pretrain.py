@@ -9,7 +9,6 @@ Two objectives train one shared encoder:
   (anchor, positive) pairs: paraphrase / entailment / gloss pairs, the same raw sentence
   twice under dropout, neighbouring raw sentences, two texts of one class of a held-out
   labelled set (:func:`mtpf_training.losses.info_nce`; same-class rows are not negatives).
-  Each TC batch comes from one source, so its negatives are in-domain.
 
 Modes: ``base`` (no training; the encoder copied), ``ner``, ``tc``, ``naive`` (both losses on
 the backbone, no LoRA), ``tpl`` (both losses on the backbone; LoRA ``pf_ner`` trained only by
@@ -51,9 +50,9 @@ log = logging.getLogger("mtpf.pretrain")
 MODES = ("base", "ner", "tc", "naive", "tpl")
 ADAPTERS = {"ner": "pf_ner", "tc": "pf_tc"}  # adapter names in the checkpoint
 PAIR_SOURCES = ("mrpc", "paws", "stsb", "snli", "mnli", "wordnet_gloss")
-# Labelled TC sets held out of the study's suite (compare.DEFAULT_TC; docs/suite.md): their training
-# splits become supervised contrastive pairs (two texts of one class). Emoji, emotion, sentiment,
-# stance, spam and review labels: the kinds of distinctions downstream probes are asked to draw.
+# Labelled TC sets held out of the study's suite (compare.DEFAULT_TC; docs/suite.md), for
+# --label-pair-sources: their training splits become supervised contrastive pairs (two texts of
+# one class). Not on by default: at CPU scale they did not move the TC probes (docs/results.md).
 LABEL_PAIR_SOURCES = (
     "tweeteval_emoji", "tweeteval_emotion", "tweeteval_sentiment", "tweeteval_stance_abortion",
     "tweeteval_stance_atheism", "tweeteval_stance_climate", "tweeteval_stance_feminist",
@@ -89,11 +88,12 @@ class PretrainConfig:
     raw_pair_sources: tuple[str, ...] = _f(("dropout:nlp_corpus", "neighbours:brown"),
                                            "pairs from raw text: dropout:CORPUS (same sentence twice, "
                                            "SimCSE) or neighbours:CORPUS (consecutive sentences)")
-    label_pair_sources: tuple[str, ...] = _f(LABEL_PAIR_SOURCES, "labelled TC sets (registry names; train split "
-                                             "only) as pairs of two same-class texts; same-class rows of "
-                                             "a batch are not negatives")
-    tc_batching: str = _f("per-source", "per-source: each TC batch from one source, drawn in proportion to "
-                          "its pairs (in-domain negatives) | mixed: from all pairs at once")
+    label_pair_sources: tuple[str, ...] = _f((), "labelled TC sets (registry names; train split only) as pairs "
+                                             "of two same-class texts; same-class rows of a batch are not "
+                                             "negatives; 'held-out' = every registered TC set outside the "
+                                             "study's suite (LABEL_PAIR_SOURCES)")
+    tc_batching: str = _f("mixed", "mixed: each TC batch from all pairs | per-source: from one source, drawn "
+                          "in proportion to its pairs (in-domain negatives)")
     max_pairs_per_source: int | None = _f(20000, "seeded cap per pair source (None = all)")
     temperature: float = _f(0.05, "InfoNCE temperature tau (cosine / tau)")
     symmetric: bool = _f(False, "symmetric InfoNCE (anchor->positive and positive->anchor)")
@@ -107,6 +107,8 @@ class PretrainConfig:
     ner_weight: float = _f(1.0, "weight of the NER loss")
     tc_weight: float = _f(1.0, "weight of the TC loss")
     lr_backbone: float = _f(2e-5, "AdamW lr of the shared encoder (full fine-tuning scale)")
+    ner_backbone_lr_scale: float = _f(1.0, "the shared encoder's lr on NER steps, as a fraction of "
+                                      "lr_backbone (0: NER trains only its LoRA and head)")
     lr_lora: float = _f(5e-4, "AdamW lr of the task LoRAs (LoRA tolerates ~10-50x the full lr)")
     lr_head: float = _f(1e-3, "AdamW lr of the NER cluster head (fresh, so fast)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -150,6 +152,8 @@ class PretrainConfig:
                      "max_words", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.ner_backbone_lr_scale <= 1:
+            raise ValueError(f"ner_backbone_lr_scale is a fraction in [0, 1], got {self.ner_backbone_lr_scale}")
         if self.temperature <= 0 or self.ner_weight < 0 or self.tc_weight < 0:
             raise ValueError("temperature must be > 0 and loss weights >= 0")
         if not 0 <= self.warmup < 1:
@@ -599,7 +603,8 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     weighted.backward()
-    stepping = [opts[k] for k in ("backbone", task) if k in opts]
+    frozen_backbone = task == "ner" and cfg.ner_backbone_lr_scale == 0
+    stepping = [opts[k] for k in ("backbone", task) if k in opts and not (k == "backbone" and frozen_backbone)]
     if cfg.grad_clip > 0:
         params = [p for o in stepping for g in o.param_groups for p in g["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -722,9 +727,10 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         task = task_for_step(cfg, step, sizes)
         t0 = time.perf_counter()
         f = lr_factor(cfg, step)
-        for o in opts.values():
+        for k, o in opts.items():
+            scale = cfg.ner_backbone_lr_scale if k == "backbone" and task == "ner" else 1.0
             for g in o.param_groups:
-                g["lr"] = g["initial_lr"] * f
+                g["lr"] = g["initial_lr"] * f * scale
         name = tc_stream_for_step(cfg, step, data["tc"].counts()) if task == "tc" else task
         idx = [offsets[name] + i for i in streams[name].next()]
         batch = make_batch(task, data[task], idx, tokenizer, pad_id, max_length)
@@ -771,6 +777,8 @@ def _parse_value(f: dataclasses.Field, text: str) -> Any:
         return None
     if isinstance(default, bool):
         return text.lower() in ("1", "true", "yes")
+    if f.name == "label_pair_sources" and text.strip() == "held-out":
+        return LABEL_PAIR_SOURCES
     if isinstance(default, tuple):
         items = [s.strip() for s in text.split(",") if s.strip()]
         return tuple(int(s) for s in items) if default and isinstance(default[0], int) else tuple(items)
