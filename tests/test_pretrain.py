@@ -141,7 +141,7 @@ def test_label_pairs_pair_two_different_texts_of_one_class():
 
 
 def test_tc_pairs_sources_groups_and_per_source_batches(toy_root: Path):
-    cfg = tiny_cfg(toy_root, toy_root, mode="tc")
+    cfg = tiny_cfg(toy_root, toy_root, mode="tc", tc_batching="per-source")
     tc = pt.load_tc_pairs(cfg)
     counts = tc.counts()
     assert set(counts) == {"wordnet_gloss", "dropout:brown", "neighbours:brown", "labels:sms_spam"}
@@ -390,9 +390,11 @@ def test_same_seed_same_weights(tiny_bert: Path, toy_root: Path, tmp_path: Path)
         tensors(tmp_path / "a")["backbone/embeddings.word_embeddings.weight"]).any()
 
 
-@pytest.mark.parametrize("sampling", ["alternating", "proportional"])
-def test_resumed_run_is_bit_identical(sampling: str, tiny_bert: Path, toy_root: Path, tmp_path: Path):
-    cfg = tiny_cfg(tiny_bert, toy_root, steps=7, checkpoint_every=2, sampling=sampling)
+@pytest.mark.parametrize("sampling,batching", [("alternating", "mixed"), ("proportional", "mixed"),
+                                               ("alternating", "per-source")])
+def test_resumed_run_is_bit_identical(sampling: str, batching: str, tiny_bert: Path, toy_root: Path,
+                                      tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=7, checkpoint_every=2, sampling=sampling, tc_batching=batching)
     pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
     stopped = pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, stop_after=3, progress=False)
     assert stopped["stopped_at"] == 3 and (tmp_path / "parts/resume/state.pt").is_file()
