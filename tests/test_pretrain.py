@@ -452,3 +452,34 @@ def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: P
     cfg = ck.read_config(out)
     assert cfg["pretrain"]["world_size"] == 2
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["pf_ner", "pf_tc"]
+
+
+def test_drift_measures_cosine_and_neighbourhood_change():
+    from mtpf_training.drift import drift
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20, 8))
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    same = drift(a, a)
+    assert same["cos_mean"] == pytest.approx(1.0) and same["sim_corr"] == pytest.approx(1.0)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))  # a rotation: every vector moves, the structure does not
+    rotated = drift(a, a @ q)
+    assert rotated["cos_mean"] < 0.9 and rotated["sim_corr"] == pytest.approx(1.0)
+    noisy = a + rng.normal(scale=0.5, size=a.shape)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    assert drift(a, noisy)["sim_corr"] < 0.95
+    with pytest.raises(ValueError, match="same >= 2 texts"):
+        drift(a, a[:3])
+
+
+def test_drift_cli_on_a_tiny_checkpoint(tiny_bert: Path, toy_root: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    from mtpf_training import drift as drift_mod
+
+    out = tmp_path / "tpl"
+    pt.pretrain(out, tiny_bert, "tpl", tiny_cfg(tiny_bert, toy_root), progress=False)
+    monkeypatch.setattr("mtpf_training.data.load_dataset", lambda name: toy_tc())
+    assert drift_mod.main([f"{out}:pf_tc", str(out), "--reference", f"{out}", "--n", "6", "--datasets", "sst2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[1]["cos_mean"] == pytest.approx(1.0, abs=1e-5)  # against itself
+    assert rows[0]["texts"] == 6 and rows[0]["cos_mean"] < 1.0  # the TC adapter moves the embedding
