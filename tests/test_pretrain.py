@@ -477,7 +477,7 @@ def test_drift_cli_on_a_tiny_checkpoint(tiny_bert: Path, toy_root: Path, tmp_pat
     from mtpf_training import drift as drift_mod
 
     out = tmp_path / "tpl"
-    pt.pretrain(out, tiny_bert, "tpl", tiny_cfg(tiny_bert, toy_root), progress=False)
+    pt.pretrain(out, tiny_bert, "tpl", tiny_cfg(tiny_bert, toy_root, lr_lora=0.05), progress=False)
     monkeypatch.setattr("mtpf_training.data.load_dataset", lambda name: toy_tc())
     assert drift_mod.main([f"{out}:pf_tc", str(out), "--reference", f"{out}", "--n", "6", "--datasets", "sst2"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
