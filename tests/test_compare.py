@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,14 @@ def test_compare_end_to_end_resumes_and_uses_tpl_adapters(
     third = compare.compare({"base": str(tiny_bert)}, ["toy_tc"], out, seeds=[0, 1, 2], settings=st,
                             loader=_loader, echo=lines.append)
     assert len(third["runs"]) == 9
+    # another setting in the same --out trains into its own folders: no task checkpoint is overwritten
+    before = {r["task_checkpoint"] for r in third["runs"]}
+    fourth = compare.compare({"base": str(tiny_bert)}, ["toy_tc"], out, seeds=[1],
+                             settings=replace(st, max_train=6, train_subsets="per-seed"), loader=_loader,
+                             echo=lines.append)
+    new = [r for r in fourth["runs"] if r["settings"].get("train_subsets") == "per-seed"]
+    assert len(new) == 1 and new[0]["task_checkpoint"] not in before
+    assert all(Path(p).is_dir() for p in before | {new[0]["task_checkpoint"]})
 
 
 def test_results_of_another_checkpoint_are_not_mixed(tiny_bert: Path, tpl_ckpt: Path, tmp_path: Path) -> None:

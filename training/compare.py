@@ -104,6 +104,11 @@ def run_key(mode: str, dataset: str, seed: int, settings: dict[str, Any]) -> str
     return json.dumps([mode, dataset, seed, settings], sort_keys=True)
 
 
+def run_dir(out: Path, mode: str, dataset: str, seed: int, key: str) -> Path:
+    """A run's task checkpoint folder; the key's hash keeps runs of other settings in one --out apart."""
+    return out / "runs" / mode / f"{dataset}-s{seed}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
 # =========================================================================== datasets
 
 def resolve_suite(spec: str) -> list[str]:
@@ -434,7 +439,7 @@ def compare(
                 if key in done:
                     echo(f"[{i}/{total}] {name} {mode} seed {seed}: done before, skipped")
                     continue
-                rec = run_one(ckpt, out / "runs" / mode / f"{name}-s{seed}", ds, seed, settings, device,
+                rec = run_one(ckpt, run_dir(out, mode, name, seed, key), ds, seed, settings, device,
                               cache, progress)
                 rec = {"key": key, "mode": mode, "dataset": name, "seed": seed,
                        "settings": settings.for_kind(ds.kind), **rec}
