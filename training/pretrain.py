@@ -349,26 +349,29 @@ class Stream:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
+def _pick_in_proportion(names: Sequence[str], sizes: dict[str, int], seed: int, salt: int, step: int) -> str:
+    """One of ``names`` with probability proportional to its size; a function of the step
+    (seeded by ``[seed, salt, step]``), so a resumed run draws what the whole run drew."""
+    p = np.array([sizes[n] for n in names], np.float64)
+    rng = np.random.default_rng([seed, salt, step])
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
 def task_for_step(cfg: PretrainConfig, step: int, sizes: dict[str, int]) -> str:
     tasks = cfg.tasks
     if len(tasks) == 1:
         return tasks[0]
     if cfg.sampling == "alternating":
         return tasks[step % len(tasks)]
-    p = np.array([sizes[t] for t in tasks], np.float64)
-    rng = np.random.default_rng([cfg.seed, 0x7A5C, step])  # a function of the step: resumable
-    return tasks[int(rng.choice(len(tasks), p=p / p.sum()))]
+    return _pick_in_proportion(tasks, sizes, cfg.seed, 0x7A5C, step)
 
 
 def tc_stream_for_step(cfg: PretrainConfig, step: int, counts: dict[str, int]) -> str:
     """The TC stream a step draws from: ``tc`` (mixed) or ``tc:SOURCE`` with probability
-    proportional to the source's pairs; a function of the step, so resumable."""
+    proportional to the source's pairs."""
     if cfg.tc_batching == "mixed":
         return "tc"
-    names = sorted(counts)
-    p = np.array([counts[n] for n in names], np.float64)
-    rng = np.random.default_rng([cfg.seed, 0x7C5B, step])
-    return "tc:" + names[int(rng.choice(len(names), p=p / p.sum()))]
+    return "tc:" + _pick_in_proportion(sorted(counts), counts, cfg.seed, 0x7C5B, step)
 
 
 def _teacher_spec(cfg: PretrainConfig) -> str:
