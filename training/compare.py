@@ -429,7 +429,10 @@ def compare(
     i = 0
     for name in datasets:
         full = loader(name)
-        per_seed = {seed: prepare_dataset(full, settings, seed) for seed in seeds}
+        if settings.train_subsets == "per-seed":
+            per_seed = {seed: prepare_dataset(full, settings, seed) for seed in seeds}
+        else:  # one subset for every seed: prepared once
+            per_seed = dict.fromkeys(seeds, prepare_dataset(full, settings))
         for mode, ckpt in modes.items():
             cache = FeatureCache()  # one backbone and dataset: shared by the seeds (rows keyed by example)
             for seed in seeds:
