@@ -101,7 +101,7 @@ def reload_head(ckpt: Path, task: str) -> torch.nn.Linear:
     return head_from_arrays(t.head_weight, t.head_bias)
 
 
-FAST = {"epochs": 1, "batch_size": 8, "progress": False}
+FAST = {"epochs": 1, "min_steps": 0, "batch_size": 8, "progress": False}
 
 
 # --------------------------------------------------------------------------- NER format + parity
@@ -176,17 +176,36 @@ def test_ner_learns_a_trivial_task(tiny_bert: Path, tmp_path: Path) -> None:
     # frozen random layers, so it takes ~150 steps: 30 epochs x 5 batches at lr 3e-3
     # reach F1 1.0 for data seeds 0-2 (lr >= 2e-2 collapses to all-"O"; 1 epoch stays at 0).
     ckpt = new_ckpt(tmp_path, tiny_bert)
-    metrics = adapt.train_ner(ckpt, toy_ner(places=False), "people", epochs=30, lr=3e-3,
+    metrics = adapt.train_ner(ckpt, toy_ner(places=False), "people", epochs=30, min_steps=0, lr=3e-3,
                               batch_size=8, progress=False)
     assert metrics["test"]["f1"] > 0.9, metrics
     assert metrics["train"]["loss_per_epoch"][-1] < metrics["train"]["loss_per_epoch"][0]
+
+
+@pytest.mark.parametrize("epochs,min_steps,epochs_run", [(2, 23, 5), (2, 25, 5), (2, 26, 6), (4, 10, 4), (3, 0, 3)])
+def test_min_steps_adds_epochs_on_small_sets(epochs: int, min_steps: int, epochs_run: int,
+                                             tiny_bert: Path, tmp_path: Path) -> None:
+    # 40 sentences at batch 8: 5 optimizer steps per epoch.
+    ckpt = new_ckpt(tmp_path, tiny_bert)
+    metrics = adapt.train_ner(ckpt, toy_ner(), "toy", epochs=epochs, min_steps=min_steps, batch_size=8,
+                              progress=False)
+    assert len(metrics["train"]["loss_per_epoch"]) == epochs_run
+    cfg = json.loads((ckpt / "config.json").read_text())["tasks"]["toy"]
+    assert (cfg["epochs"], cfg["min_steps"], cfg["epochs_run"], cfg["steps"]) == (epochs, min_steps, epochs_run,
+                                                                                  5 * epochs_run)
+
+
+def test_min_steps_must_not_be_negative(tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="min_steps >= 0"):
+        adapt.train_ner(new_ckpt(tmp_path, tiny_bert), toy_ner(), "toy", min_steps=-1, progress=False)
 
 
 def test_ner_determinism(tiny_bert: Path, tmp_path: Path) -> None:
     runs = []
     for sub in ("one", "two"):
         ckpt = new_ckpt(tmp_path, tiny_bert, sub)
-        metrics = adapt.train_ner(ckpt, toy_ner(), "toy", epochs=2, batch_size=8, seed=7, progress=False)
+        metrics = adapt.train_ner(ckpt, toy_ner(), "toy", epochs=2, min_steps=0, batch_size=8, seed=7,
+                                  progress=False)
         runs.append((ckpt, metrics))
     (c1, m1), (c2, m2) = runs
     assert m1 == m2
@@ -303,7 +322,7 @@ def _assert_same_task(a: Path, b: Path, task: str) -> None:
             assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
-NER_RUN = {"epochs": 3, "batch_size": 8, "seed": 3, "progress": False}  # 40 sentences: 5 steps an epoch
+NER_RUN = {"epochs": 3, "min_steps": 0, "batch_size": 8, "seed": 3, "progress": False}  # 40 sentences: 5 steps an epoch
 
 
 @pytest.mark.parametrize("steps_done, every, continues_at", [
@@ -480,7 +499,7 @@ def test_cli_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None
             assert opt in out
     for opt in ("--checkpoint", "--base", "--kind", "--dataset", "--embedded", "--train", "--test",
                 "--dev", "--format", "--name", "--lora-layers", "--lora-rank", "--lora-alpha",
-                "--lora-targets", "--init-adapter", "--epochs", "--lr", "--batch-size", "--max-length",
+                "--lora-targets", "--init-adapter", "--epochs", "--min-steps", "--lr", "--batch-size", "--max-length",
                 "--max-train", "--seed", "--device", "--adapter", "--no-progress", "--resume",
                 "--checkpoint-every"):
         assert opt in out

@@ -190,12 +190,24 @@ def test_per_seed_training_subsets() -> None:
         Settings(train_subsets="sometimes")
 
 
+def test_min_steps_in_ner_keys_only_when_set() -> None:
+    # 0 was the protocol before the setting existed: those runs keep their keys and resume.
+    assert "min_steps" not in Settings(min_steps=0).for_kind("ner")
+    assert Settings(min_steps=300).for_kind("ner")["min_steps"] == 300
+    assert "min_steps" not in Settings(min_steps=300).for_kind("tc")  # the probe has no steps
+    k0 = compare.run_key("base", "conll2003", 0, Settings(min_steps=0).for_kind("ner"))
+    k1 = compare.run_key("base", "conll2003", 0, Settings(min_steps=300).for_kind("ner"))
+    assert k0 != k1
+    with pytest.raises(compare.CompareError, match="min-steps"):
+        compare._settings(compare.build_parser().parse_args(["--out", "x", "--min-steps", "-1"]))
+
+
 # --------------------------------------------------------------------------- end to end on the tiny model
 
 def test_compare_end_to_end_resumes_and_uses_tpl_adapters(
         tiny_bert: Path, tpl_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    st = Settings(epochs=1)
+    st = Settings(epochs=1, min_steps=0)
     before = _tree(tpl_ckpt)
     lines: list[str] = []
     data = compare.compare({"base": str(tiny_bert), "tpl": str(tpl_ckpt)}, ["toy_ner", "toy_tc"], out,
@@ -264,7 +276,7 @@ def test_datasets_seen_in_pre_finetuning_are_refused(tpl_ckpt: Path, tmp_path: P
                         echo=lambda m: None)
     assert not list((tmp_path / "out").glob("runs/*"))  # refused before any run
     data = compare.compare({"tpl": str(tpl_ckpt)}, ["toy_ner"], tmp_path / "out", loader=_loader,
-                           settings=Settings(epochs=1), echo=lambda m: None)
+                           settings=Settings(epochs=1, min_steps=0), echo=lambda m: None)
     assert [r["dataset"] for r in data["runs"]] == ["toy_ner"]
 
 
@@ -317,11 +329,12 @@ def test_ner_cache_is_computed_once_across_seeds(tiny_bert: Path, tmp_path: Path
     metrics = []
     for seed in (0, 1):
         ckpt = ck.init_checkpoint(tmp_path / f"c{seed}", tiny_bert)
-        metrics.append(adapt.train_ner(ckpt, ds, "toy", epochs=1, seed=seed, progress=False, feature_cache=cache))
+        metrics.append(adapt.train_ner(ckpt, ds, "toy", epochs=1, min_steps=0, seed=seed, progress=False,
+                                       feature_cache=cache))
         assert ck.read_config(ckpt)["tasks"]["toy"]["cached_lower_layers_below"] == 0  # LoRA on both layers
     assert calls[0] == len({tuple(ex.tokens) for ex in ds.train}) and sum(calls[1:]) == 0
     ckpt = ck.init_checkpoint(tmp_path / "full", tiny_bert)
-    adapt.train_ner(ckpt, ds, "toy", epochs=1, progress=False, cache_lower_layers=False)
+    adapt.train_ner(ckpt, ds, "toy", epochs=1, min_steps=0, progress=False, cache_lower_layers=False)
     assert ck.read_config(ckpt)["tasks"]["toy"]["cached_lower_layers_below"] is None
 
 
@@ -348,13 +361,13 @@ def test_tc_probe_embeds_each_text_once(tiny_bert: Path, tpl_ckpt: Path, tmp_pat
 
 
 def test_cli_table_only_rewrites_the_table_from_results(tmp_path: Path) -> None:
-    st = Settings(max_train=10, epochs=2)
+    st = Settings(max_train=10, epochs=2, min_steps=0)
     runs = [_run("base", "conll2003", "ner", 0, 0.5, st), _run("tpl", "conll2003", "ner", 0, 0.55, st),
             _run("base", "sst2", "tc", 0, 0.8, st), _run("tpl", "sst2", "tc", 0, 0.85, st)]
     (tmp_path / "results.json").write_text(json.dumps(
         {"schema": compare.SCHEMA, "checkpoints": {"tpl": {}, "base": {}}, "runs": runs}))
     assert compare.main(["--table-only", "--suite", "conll2003,sst2", "--out", str(tmp_path),
-                         "--max-train", "10", "--epochs", "2"]) == 0
+                         "--max-train", "10", "--epochs", "2", "--min-steps", "0"]) == 0
     table = (tmp_path / "table.md").read_text()
     assert "| dataset | train/test | base | tpl |" in table  # base first whatever the stored order
     assert "| conll2003 | 10/5 | 50.0 | 55.0 |" in table and "| sst2 | +5.0 |" in table

@@ -33,7 +33,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("minilm")
     ckpt = init_checkpoint(root / "ckpt", base)
     conll, sst2 = load_dataset("conll2003"), load_dataset("sst2")
-    ner_m = train_ner(ckpt, conll, "conll", max_train=1000, epochs=2, progress=False)
+    ner_m = train_ner(ckpt, conll, "conll", max_train=1000, epochs=2, min_steps=0, progress=False)
     tc_m = train_tc(ckpt, sst2, "sst2", max_train=1000, progress=False)
     quiet = {"log": lambda *a: None}
     return {

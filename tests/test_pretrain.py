@@ -366,7 +366,7 @@ def test_mode_writes_a_checkpoint_that_adapts_and_exports(mode: str, tiny_bert: 
     else:
         assert cfg["backbone_sha256"] != base_sha
     extra = {"init_adapter": "pf_ner"} if mode == "tpl" else {}
-    ner = train_ner(out, toy_ner(), "toy_ner", epochs=1, batch_size=4, lora_rank=4, lora_alpha=8,
+    ner = train_ner(out, toy_ner(), "toy_ner", epochs=1, min_steps=0, batch_size=4, lora_rank=4, lora_alpha=8,
                     progress=False, **extra)
     tc = train_tc(out, toy_tc(), "toy_tc", adapter="pf_tc" if mode == "tpl" else None, progress=False)
     assert "test" in ner and "test" in tc

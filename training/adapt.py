@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from mtpf_training import arch as archmod
+from mtpf_training import NER_MIN_STEPS
 from mtpf_training import checkpoint as ck
 from mtpf_training.data import Dataset, NerExample, TcExample
 
@@ -349,12 +350,17 @@ def _subsample(examples: tuple, max_train: int | None, seed: int) -> tuple:
 def train_ner(
     ckpt: str | Path, dataset: Dataset, name: str, *, lora_layers: int | str | list[int] = 2,
     lora_rank: int = 32, lora_alpha: float = 64, lora_targets: Sequence[str] = archmod.DEFAULT_TARGETS,
-    init_adapter: str | Path | None = None, epochs: int = 3, lr: float = 1e-3, batch_size: int = 32,
-    max_length: int = 128, max_train: int | None = None, seed: int = 0, device: str = "cpu",
+    init_adapter: str | Path | None = None, epochs: int = 3, min_steps: int = NER_MIN_STEPS, lr: float = 1e-3,
+    batch_size: int = 32, max_length: int = 128, max_train: int | None = None, seed: int = 0, device: str = "cpu",
     progress: bool = True, cache_lower_layers: bool = True, feature_cache: FeatureCache | None = None,
     resume: bool = False, checkpoint_every: int = 0,
 ) -> dict[str, Any]:
     """LoRA fine-tuning + token head; writes adapter, head and task into ``ckpt``.
+
+    ``min_steps``: train at least this many optimizer steps. When ``epochs`` passes over
+    the training set give fewer, the run does more passes (``ceil(min_steps / steps per
+    epoch)``), so a small set gets as many updates as a larger one instead of a handful.
+    The config records both the epochs asked for and ``epochs_run``.
 
     ``cache_lower_layers``: compute the frozen layers below the first LoRA layer once
     (in eval mode, so without their dropout) and train on the top layers only.
@@ -384,8 +390,10 @@ def train_ner(
     train = tuple(ex for ex in _subsample(dataset.train, max_train, seed) if ex.tokens)
     if not train:
         raise ValueError(f"{dataset.name}: no training sentences")
-    if epochs < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 0:
-        raise ValueError("epochs and batch_size must be >= 1, lr > 0 and checkpoint_every >= 0")
+    if epochs < 1 or batch_size < 1 or lr <= 0 or checkpoint_every < 0 or min_steps < 0:
+        raise ValueError("epochs and batch_size must be >= 1, lr > 0, checkpoint_every >= 0 and min_steps >= 0")
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    epochs_run = max(epochs, math.ceil(min_steps / steps_per_epoch))
 
     torch.manual_seed(seed)  # LoRA A init, head init and dropout draw from this
     base, tokenizer, arch = ck.load_backbone(ckpt)
@@ -419,7 +427,8 @@ def train_ner(
         "lora_targets": [t for t in archmod.LOGICAL_TARGETS if any(s[1] == t for s in slots)],
         "lora_rank": pcfg.r, "lora_alpha": pcfg.lora_alpha,
         "init_adapter": str(init_adapter) if init_adapter is not None else None,
-        "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
+        "epochs": epochs, "min_steps": min_steps, "epochs_run": epochs_run, "steps": epochs_run * steps_per_epoch,
+        "lr": lr, "batch_size": batch_size, "max_length": max_length,
         "eval_max_length": eval_length, "max_train": max_train, "train_examples": len(train),
         "seed": seed, "device": device, "optimizer": "AdamW, linear decay, 10% warmup",
         # layers below this index ran once, in eval mode (null: every step, in train mode)
@@ -435,8 +444,7 @@ def train_ner(
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(trainable.values()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
-    steps_per_epoch = math.ceil(len(encoded) / batch_size)
-    steps = epochs * steps_per_epoch
+    steps = epochs_run * steps_per_epoch
     sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
     loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -474,7 +482,7 @@ def train_ner(
 
     t0 = time.time()  # training time includes computing the cached lower layers
     lower: list[torch.Tensor] | None = None
-    if first is not None and start_epoch < epochs:
+    if first is not None and start_epoch < epochs_run:
         # Row key = token ids: they already carry the tokenizer and max_length.
         table = (feature_cache.table("ner_lower", cfg["backbone_sha256"], first)
                  if feature_cache is not None else {})
@@ -484,14 +492,14 @@ def train_ner(
         lower = [table[tuple(ids)] for ids, _ in encoded]
     if state is not None:
         ck.set_rng_state(state["rng"], device)  # dropout continues where it stopped
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, epochs_run):
         model.train()
         head.train()
         order_rng = gen.get_state()
         batches = _ner_batches(lengths, batch_size, gen)
         skip = start_batch if epoch == start_epoch else 0
         bar = tqdm(batches[skip:], initial=skip, total=len(batches),
-                   desc=f"ner {name} epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
+                   desc=f"ner {name} epoch {epoch + 1}/{epochs_run}", disable=None if progress else True, leave=False)
         for b, batch in enumerate(bar, skip):
             ids = _pad([encoded[i][0] for i in batch], pad_id).to(device)  # (B, T)
             tags = _pad([encoded[i][1] for i in batch], -100).to(device)  # (B, T)
@@ -514,7 +522,7 @@ def train_ner(
                 save_state(epoch, b + 1, order_rng)
         losses_per_epoch.append(total / count)
         total, count = 0.0, 0
-        log.info("epoch %d/%d: mean train loss %.4f", epoch + 1, epochs, losses_per_epoch[-1])
+        log.info("epoch %d/%d: mean train loss %.4f", epoch + 1, epochs_run, losses_per_epoch[-1])
         save_state(epoch + 1, 0, gen.get_state())
     log.info("trained %s in %.1f s", name, time.time() - t0)
 
@@ -757,6 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-adapter", help="start from this adapter (a name in the checkpoint, e.g. a "
                    "pre-finetuned NER adapter, or a PEFT folder); its own layers/targets/rank apply")
     g.add_argument("--epochs", type=int, default=3, help="training epochs")
+    g.add_argument("--min-steps", type=int, default=NER_MIN_STEPS,
+                   help="train at least this many optimizer steps: small training sets get more epochs")
     g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (10%% warmup, linear decay)")
     t = p.add_argument_group("TC (linear probe)")
     t.add_argument("--adapter", help="adapter active while embedding: a name in the checkpoint or a PEFT "
@@ -820,7 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = train_ner(
                 args.checkpoint, ds, name, lora_layers=args.lora_layers, lora_rank=args.lora_rank,
                 lora_alpha=args.lora_alpha, lora_targets=archmod.check_targets(targets),
-                init_adapter=args.init_adapter, epochs=args.epochs, lr=args.lr,
+                init_adapter=args.init_adapter, epochs=args.epochs, min_steps=args.min_steps, lr=args.lr,
                 batch_size=args.batch_size or 32, max_length=args.max_length or 128, **common)
         else:
             metrics = train_tc(args.checkpoint, ds, name, adapter=args.adapter,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mtpf_training import NER_MIN_STEPS
 from mtpf_training import checkpoint as ck
 from mtpf_training.data import Dataset
 
@@ -72,6 +73,7 @@ class Settings:
     max_train: int | None = None  # cap on training examples (seeded subset, same for all modes)
     max_test: int | None = None  # cap on test and on dev examples (seeded subset)
     epochs: int = 3  # NER epochs (the TC probe has no epochs)
+    min_steps: int = NER_MIN_STEPS  # NER: at least this many optimizer steps (adapt.train_ner)
     low_resource: bool = False  # NER: 10% of the training set (seed 0) before max_train
     lr: float = 1e-3  # NER LoRA learning rate, as mtpf-adapt
     ner_batch_size: int = 32  # as mtpf-adapt; smaller gives more steps on capped training sets
@@ -90,13 +92,16 @@ class Settings:
     def for_kind(self, kind: str) -> dict[str, Any]:
         """The settings a run of this kind depends on: TC runs ignore the NER-only ones."""
         d = asdict(self)
-        if d["train_subsets"] == "fixed":
-            d.pop("train_subsets")  # absent from the keys of runs made before the field existed
         if kind == "tc":
-            for k in ("epochs", "low_resource", "lr", "ner_batch_size", "ner_max_length", "cache_lower_layers"):
+            for k in ("epochs", "min_steps", "low_resource", "lr", "ner_batch_size", "ner_max_length", "cache_lower_layers"):
                 d.pop(k)
         else:
             d.pop("tc_max_length")
+        # Fields added later are left out of the key at the value that was their old behaviour,
+        # so results made before they existed still resume.
+        for k, old in (("train_subsets", "fixed"), ("min_steps", 0)):
+            if d.get(k) == old:
+                d.pop(k)
         return d
 
 
@@ -224,7 +229,8 @@ def run_one(
         pf = parent / "adapters" / PF_NER
         init = str(pf) if (pf / "adapter_config.json").is_file() else None
         metrics = adapt.train_ner(
-            child, ds, ds.name, init_adapter=init, epochs=settings.epochs, lr=settings.lr,
+            child, ds, ds.name, init_adapter=init, epochs=settings.epochs, min_steps=settings.min_steps,
+            lr=settings.lr,
             batch_size=settings.ner_batch_size,
             max_length=settings.ner_max_length, seed=seed, device=device, progress=progress,
             cache_lower_layers=settings.cache_lower_layers, feature_cache=feature_cache)
@@ -484,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train", type=int, help="cap on training examples per dataset (seed-0 subset)")
     p.add_argument("--max-test", type=int, help="cap on test (and dev) examples per dataset (seed-0 subset)")
     p.add_argument("--epochs", type=int, default=3, help="NER LoRA epochs")
+    p.add_argument("--min-steps", type=int, default=NER_MIN_STEPS,
+                   help="NER: at least this many optimizer steps (more epochs on small training sets); "
+                        "0 = exactly --epochs, the protocol of the tables before session 4")
     p.add_argument("--lr", type=float, default=1e-3, help="NER LoRA learning rate")
     p.add_argument("--ner-batch-size", type=int, default=32, help="NER training batch size")
     p.add_argument("--train-subsets", choices=("fixed", "per-seed"), default="fixed",
@@ -505,9 +514,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise CompareError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if args.epochs < 1 or args.lr <= 0 or args.ner_batch_size < 1:
-        raise CompareError("--epochs and --ner-batch-size must be >= 1 and --lr > 0")
+    if args.epochs < 1 or args.lr <= 0 or args.ner_batch_size < 1 or args.min_steps < 0:
+        raise CompareError("--epochs and --ner-batch-size must be >= 1, --lr > 0 and --min-steps >= 0")
     return Settings(max_train=args.max_train, max_test=args.max_test, epochs=args.epochs,
+                    min_steps=args.min_steps,
                     low_resource=args.low_resource, lr=args.lr, ner_batch_size=args.ner_batch_size,
                     cache_lower_layers=not args.no_cache_lower_layers, train_subsets=args.train_subsets)
 
