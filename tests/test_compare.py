@@ -257,6 +257,14 @@ def test_compare_end_to_end_resumes_and_uses_tpl_adapters(
     new = [r for r in fourth["runs"] if r["settings"].get("train_subsets") == "per-seed"]
     assert len(new) == 1 and new[0]["task_checkpoint"] not in before
     assert all(Path(p).is_dir() for p in before | {new[0]["task_checkpoint"]})
+    # the NER step budget reaches train_ner (30 sentences at batch 8: 4 steps an epoch) and is
+    # part of the key: the run does not resume the fixed-epoch one
+    fifth = compare.compare({"base": str(tiny_bert)}, ["toy_ner"], out, seeds=[0],
+                            settings=replace(st, min_steps=10, ner_batch_size=8), loader=_loader,
+                            echo=lines.append)
+    budget = [r for r in fifth["runs"] if r["settings"].get("min_steps") == 10]
+    assert len(budget) == 1 and "skipped" not in lines[-1]
+    assert (budget[0]["config"]["epochs_run"], budget[0]["config"]["steps"]) == (3, 12)
 
 
 def test_results_of_another_checkpoint_are_not_mixed(tiny_bert: Path, tpl_ckpt: Path, tmp_path: Path) -> None:
