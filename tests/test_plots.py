@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from mtpf_training.plots import load_means, main  # noqa: E402
+from mtpf_training.plots import load_means, main, plot_deltas  # noqa: E402
 
 NER_SET = {"epochs": 3, "low_resource": False}
 TC_SET = {"max_train": 500}
@@ -45,3 +45,16 @@ def test_plots_are_written(tmp_path: Path) -> None:
     for png in ("d.png", "s.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert main(["deltas", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_deltas_draw_only_the_families_with_base_runs(tmp_path: Path) -> None:
+    res = _results(tmp_path)
+    assert plot_deltas(res, tmp_path / "both.png", ["tpl"]) == ["ner", "tc"]
+    data = json.loads(res.read_text())
+    ner_only = tmp_path / "ner_only.json"  # an NER-only table (e.g. a low-resource pass)
+    ner_only.write_text(json.dumps({"runs": [r for r in data["runs"] if r["kind"] == "ner"]}))
+    assert plot_deltas(ner_only, tmp_path / "ner.png", ["tpl"]) == ["ner"]
+    no_base = tmp_path / "no_base.json"
+    no_base.write_text(json.dumps({"runs": [r for r in data["runs"] if r["mode"] != "base"]}))
+    with pytest.raises(ValueError, match="no base runs"):
+        plot_deltas(no_base, tmp_path / "x.png", ["tpl"])

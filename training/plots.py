@@ -37,15 +37,20 @@ def load_means(path: Path) -> tuple[dict[tuple[str, str], float], dict[str, str]
     return {k: float(np.mean(v)) for k, v in vals.items()}, kind
 
 
-def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> None:
+def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> list[str]:
+    """One panel per task family that has base runs; returns the families drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mean, kind = load_means(results)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for ax, fam, label in zip(axes, ("ner", "tc"), ("NER: test F1 − base", "TC: test accuracy − base")):
+    titles = {"ner": "NER: test F1 − base", "tc": "TC: test accuracy − base"}
+    fams = [f for f in titles if any(k == f and ("base", d) in mean for d, k in kind.items())]
+    if not fams:
+        raise ValueError(f"{results}: no base runs to draw deltas against")
+    fig, axes = plt.subplots(1, len(fams), figsize=(7 * len(fams), 5), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
         names = sorted(d for d, k in kind.items() if k == fam and ("base", d) in mean)
         x = np.arange(len(names))
         width = 0.8 / max(len(modes), 1)
@@ -54,11 +59,12 @@ def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> None:
             ax.bar(x + i * width - 0.4 + width / 2, ys, width, label=m)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
-        ax.set(title=label, ylabel="points")
+        ax.set(title=titles[fam], ylabel="points")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return fams
 
 
 def plot_scale(results: Path, out: Path, points: dict[str, float]) -> None:
