@@ -433,6 +433,43 @@ def test_cli_runs_and_explains_missing_teacher(tiny_bert: Path, toy_root: Path, 
         pt.PretrainConfig(mode="both")
 
 
+
+def test_pseudo_labels_file_trains_without_the_teacher(tiny_bert: Path, toy_root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    """A run on another machine reads the first run's cached labels and never builds a teacher."""
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=4, cache_dir=str(tmp_path / "cache"))
+    pt.pretrain(tmp_path / "with_teacher", tiny_bert, "ner", cfg, progress=False)
+    (labels_file,) = (tmp_path / "cache").glob("ner_*.npz")
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was built")
+
+    monkeypatch.setattr("mtpf_training.teachers.make_teacher", no_teacher)
+    monkeypatch.setattr("mtpf_training.teachers.default_teacher", lambda: None)
+    reuse = dataclasses.replace(cfg, teacher=None, pseudo_labels=str(labels_file), cache_dir=None)
+    pt.pretrain(tmp_path / "from_file", tiny_bert, "ner", reuse, progress=False)
+    assert_same(tensors(tmp_path / "with_teacher"), tensors(tmp_path / "from_file"))
+    saved = ck.read_config(tmp_path / "from_file")["pretrain"]
+    assert saved["config"]["teacher"] == f"pseudo-labels:{labels_file}"
+    assert saved["data"]["ner"]["teacher"].startswith(f"hf:{tiny_bert.resolve()}|")
+    # the teacher it names must be the one that made the file
+    pt.pretrain(tmp_path / "named", tiny_bert, "ner", dataclasses.replace(reuse, teacher=f"hf:{tiny_bert}"),
+                progress=False)
+    with pytest.raises(ValueError, match="made by teacher"):
+        pt.pretrain(tmp_path / "x1", tiny_bert, "ner", dataclasses.replace(reuse, teacher="spacy:en_core_web_sm"),
+                    progress=False)
+    with pytest.raises(ValueError, match="n_clusters"):
+        pt.pretrain(tmp_path / "x2", tiny_bert, "ner", dataclasses.replace(reuse, n_clusters=7), progress=False)
+    with pytest.raises(ValueError, match="corpus_sha256"):
+        pt.pretrain(tmp_path / "x3", tiny_bert, "ner", dataclasses.replace(reuse, max_words=3), progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pt.pretrain(tmp_path / "x4", tiny_bert, "ner", dataclasses.replace(reuse, pseudo_labels=str(tmp_path / "no.npz")),
+                    progress=False)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a pseudo-label file"):
+        pt.pretrain(tmp_path / "x5", tiny_bert, "ner", dataclasses.replace(reuse, pseudo_labels=str(tmp_path / "junk.npz")),
+                    progress=False)
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: Path):
     """DDP over gloo: two processes, both adapters, a resume save; rank 0 writes (~30 s)."""

@@ -82,6 +82,9 @@ class PretrainConfig:
     max_ner_sentences: int | None = _f(20000, "seeded subset of the raw sentences (teacher cost)")
     max_words: int = _f(64, "words kept per raw sentence (longer ones are cut)")
     n_clusters: int = _f(200, "k-means clusters = NER pseudo-label classes")
+    pseudo_labels: str | None = _f(None, "NER pseudo-labels another run cached (its cache's ner_<hash>.npz), "
+                                   "used instead of running the teacher: for a machine without it. The "
+                                   "file must match this run's sentences and clustering settings")
     kmeans_fit_max_words: int = _f(200000, "word vectors k-means is fitted on (seeded sample)")
     # ---- TC contrastive
     pair_sources: tuple[str, ...] = _f(PAIR_SOURCES, f"labelled pair sets from: {','.join(PAIR_SOURCES)}")
@@ -219,7 +222,7 @@ def raw_sentences(name: str, root: str | None) -> list[str]:
 
 def load_ner_data(cfg: PretrainConfig, tokenizer: Any, cache_dir: Path, max_length: int,
                   progress: bool = True) -> tuple[list[tuple[list[int], list[int]]], dict[str, Any]]:
-    from mtpf_training.teachers import cluster_words, make_teacher
+    from mtpf_training.teachers import cluster_words, make_teacher, read_pseudo_labels
 
     sentences: list[str] = []
     for name in cfg.ner_raw:
@@ -227,10 +230,14 @@ def load_ner_data(cfg: PretrainConfig, tokenizer: Any, cache_dir: Path, max_leng
     sentences = _subset(sentences, cfg.max_ner_sentences, cfg.seed, "ner_raw")
     words = [s.split()[:cfg.max_words] for s in sentences]
     words = [w for w in words if w]
-    teacher = make_teacher(_teacher_spec(cfg), layers=cfg.teacher_layers,
-                           device=cfg.device if cfg.device.startswith("cuda") else "cpu")
-    pl = cluster_words(teacher, words, cfg.n_clusters, cfg.seed, cache_dir, cfg.kmeans_fit_max_words,
-                       progress=progress)
+    if cfg.pseudo_labels:
+        pl = read_pseudo_labels(cfg.pseudo_labels, words, cfg.n_clusters, cfg.seed, cfg.kmeans_fit_max_words,
+                                teacher=cfg.teacher)
+    else:
+        teacher = make_teacher(_teacher_spec(cfg), layers=cfg.teacher_layers,
+                               device=cfg.device if cfg.device.startswith("cuda") else "cpu")
+        pl = cluster_words(teacher, words, cfg.n_clusters, cfg.seed, cache_dir, cfg.kmeans_fit_max_words,
+                           progress=progress)
     encoded = align_first_subtoken(tokenizer, words, pl.labels, max_length)
     labelled = sum(sum(1 for x in lab if x >= 0) for _, lab in encoded)
     info = {"sentences": len(words), "words": int(sum(len(w) for w in words)), "labelled_positions": labelled,
@@ -378,6 +385,8 @@ def _teacher_spec(cfg: PretrainConfig) -> str:
     from mtpf_training.teachers import SPACY_INSTALL, default_teacher
 
     spec = cfg.teacher or default_teacher()
+    if spec is None and cfg.pseudo_labels:
+        return f"pseudo-labels:{cfg.pseudo_labels}"  # data["ner"]["teacher"] names the file's teacher
     if spec is None:
         raise ValueError("mode needs an NER teacher: pass --teacher hf:PATH (a local HF encoder folder) or "
                          f"--teacher spacy:NAME ({SPACY_INSTALL})")

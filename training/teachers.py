@@ -224,16 +224,22 @@ class PseudoLabels:
     cached: bool  # True when read from the cache
 
 
+def _read_labels_file(path: Path) -> tuple[dict[str, Any], list[np.ndarray], np.ndarray]:
+    """(spec, labels per sentence, centroids) of a file :func:`_save_cache` wrote."""
+    with np.load(path, allow_pickle=False) as z:
+        flat, offsets = z["labels"], z["offsets"]
+        labels = [flat[offsets[i]:offsets[i + 1]].copy() for i in range(len(offsets) - 1)]
+        return json.loads(str(z["spec"])), labels, z["centroids"].copy()
+
+
 def _load_cache(path: Path, spec: dict[str, Any]) -> PseudoLabels | None:
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        if json.loads(str(z["spec"])) != spec:
-            log.warning("cache %s was made with another spec: recomputing", path)
-            return None
-        flat, offsets = z["labels"], z["offsets"]
-        labels = [flat[offsets[i]:offsets[i + 1]].copy() for i in range(len(offsets) - 1)]
-        return PseudoLabels(labels, z["centroids"].copy(), spec, True)
+    saved, labels, centroids = _read_labels_file(path)
+    if saved != spec:
+        log.warning("cache %s was made with another spec: recomputing", path)
+        return None
+    return PseudoLabels(labels, centroids, spec, True)
 
 
 def _save_cache(path: Path, pl: PseudoLabels) -> None:
@@ -251,6 +257,53 @@ def _save_cache(path: Path, pl: PseudoLabels) -> None:
         raise
 
 
+def _labels_spec(teacher_spec: str, sentences: Sequence[Sequence[str]], n_clusters: int, seed: int,
+                 fit_max_words: int) -> dict[str, Any]:
+    """What a set of pseudo-labels depends on: the cache key, and what a reused file must match."""
+    corpus_hash = _sha256_text("\n".join(" ".join(s) for s in sentences))
+    return {"teacher": teacher_spec, "sentences": len(sentences), "corpus_sha256": corpus_hash,
+            "n_clusters": int(n_clusters), "seed": int(seed), "fit_max_words": int(fit_max_words),
+            "algorithm": "sklearn MiniBatchKMeans(batch_size=4096, n_init=3)"}
+
+
+def _teacher_named(name: str, spec: str) -> bool:
+    """Whether a teacher spec (``Teacher.spec``) was made by the teacher ``--teacher NAME`` names."""
+    kind, _, arg = name.partition(":")
+    head = spec.split("|")[0]
+    if kind == "spacy":
+        return head.split("@")[0] == "spacy:" + arg.replace("-", "_")
+    return kind == "hf" and head == f"hf:{Path(arg).resolve()}"
+
+
+def read_pseudo_labels(
+    path: str | Path, sentences: Sequence[Sequence[str]], n_clusters: int, seed: int, fit_max_words: int,
+    teacher: str | None = None,
+) -> PseudoLabels:
+    """Pseudo-labels another run cached (its ``ner_<hash>.npz``), read without loading a teacher.
+
+    This is how a machine without the teacher (a GPU box without spaCy) trains on labels made
+    elsewhere. The file must have been made for these very sentences and clustering settings;
+    ``teacher``, when given, must be the teacher that made it. Anything else is a ValueError
+    naming what differs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pseudo-label file {path} does not exist")
+    try:
+        saved, labels, centroids = _read_labels_file(path)
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a pseudo-label file written by mtpf ({e})") from None
+    want = _labels_spec(saved.get("teacher", ""), sentences, n_clusters, seed, fit_max_words)
+    diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"{path} was made for other sentences or settings; (file, this run): {diff}")
+    if teacher is not None and not _teacher_named(teacher, saved["teacher"]):
+        raise ValueError(f"{path} was made by teacher {saved['teacher']!r}, not {teacher!r}")
+    if [len(x) for x in labels] != [len(s) for s in sentences]:
+        raise ValueError(f"{path}: its labels do not line up with the sentences' words")
+    return PseudoLabels(labels, centroids, saved, True)
+
+
 def cluster_words(
     teacher: Teacher, sentences: Sequence[Sequence[str]], n_clusters: int = 200, seed: int = 0,
     cache_dir: str | Path | None = None, fit_max_words: int = 200_000, chunk: int = 512,
@@ -264,10 +317,7 @@ def cluster_words(
     """
     from sklearn.cluster import MiniBatchKMeans
 
-    corpus_hash = _sha256_text("\n".join(" ".join(s) for s in sentences))
-    spec = {"teacher": teacher.spec, "sentences": len(sentences), "corpus_sha256": corpus_hash,
-            "n_clusters": int(n_clusters), "seed": int(seed), "fit_max_words": int(fit_max_words),
-            "algorithm": "sklearn MiniBatchKMeans(batch_size=4096, n_init=3)"}
+    spec = _labels_spec(teacher.spec, sentences, n_clusters, seed, fit_max_words)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"ner_{_sha256_text(json.dumps(spec, sort_keys=True))[:16]}.npz"
