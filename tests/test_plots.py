@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from mtpf_training.plots import load_means, main, plot_deltas  # noqa: E402
+from mtpf_training.plots import load_means, main, plot_deltas, plot_scale  # noqa: E402
 
 NER_SET = {"epochs": 3, "low_resource": False}
 TC_SET = {"max_train": 500}
@@ -58,3 +58,18 @@ def test_deltas_draw_only_the_families_with_base_runs(tmp_path: Path) -> None:
     no_base.write_text(json.dumps({"runs": [r for r in data["runs"] if r["mode"] != "base"]}))
     with pytest.raises(ValueError, match="no base runs"):
         plot_deltas(no_base, tmp_path / "x.png", ["tpl"])
+
+
+def test_scale_seeds_filter_and_families(tmp_path: Path) -> None:
+    res = _results(tmp_path)
+    mean, _ = load_means(res, seeds=[0])
+    assert mean[("base", "conll2003")] == pytest.approx(30.0)  # seed 1's 32 left out
+    assert plot_scale(res, tmp_path / "s.png", {"s1": 1333, "tpl": 4000}, seeds=[1]) == ["ner", "tc"]
+    data = json.loads(res.read_text())
+    ner_only = tmp_path / "ner_only.json"
+    ner_only.write_text(json.dumps({"runs": [r for r in data["runs"] if r["kind"] == "ner"]}))
+    assert plot_scale(ner_only, tmp_path / "n.png", {"s1": 1333, "tpl": 4000}) == ["ner"]
+    with pytest.raises(ValueError, match="no task family"):
+        plot_scale(res, tmp_path / "x.png", {"s1": 1333, "missing": 4000})
+    with pytest.raises(SystemExit):
+        main(["scale", str(res), "--out", str(tmp_path / "y.png"), "--points", "s1=1", "--seeds", "a"])

@@ -1,12 +1,14 @@
 """Plots of ``mtpf-compare`` results (matplotlib, from the bench extra).
 
     python -m mtpf_training.plots deltas runs/table/results.json --out deltas.png [--modes ner,tc,naive,tpl]
-    python -m mtpf_training.plots scale runs/abl/results.json --out scale.png --points s1=1333,tpl=4000,s3=12000
+    python -m mtpf_training.plots scale runs/abl/results.json --out scale.png --points s1=1333,tpl=4000,s3=12000 [--seeds 0]
 
 ``deltas``: per dataset, each mode's metric minus base's (mean over seeds, x100), NER and TC
 panels. ``scale``: family average against pre-finetuning data size, one point per mode
-(``MODE=SIZE``; size is whatever the caller measured, e.g. raw sentences), base as a line.
-Per task family, only runs with the settings most runs of that family used are drawn.
+(``MODE=SIZE``; size is whatever the caller measured, e.g. raw sentences), base as a line, one
+panel per task family that every point covers. Per task family, only runs with the settings
+most runs of that family used are drawn; ``--seeds`` keeps only those seeds' runs (a curve whose
+points have different seeds would mix seed noise into it).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def load_means(path: Path) -> tuple[dict[tuple[str, str], float], dict[str, str]]:
-    """(mode, dataset) -> mean metric x100 over seeds; dataset -> kind."""
-    runs = json.loads(Path(path).read_text())["runs"]
+def load_means(path: Path, seeds: Sequence[int] | None = None
+               ) -> tuple[dict[tuple[str, str], float], dict[str, str]]:
+    """(mode, dataset) -> mean metric x100 over seeds (``seeds`` only, when given); dataset -> kind."""
+    runs = [r for r in json.loads(Path(path).read_text())["runs"] if seeds is None or r["seed"] in seeds]
     settings: dict[str, Counter] = defaultdict(Counter)  # per kind: the settings most runs used
     for r in runs:
         settings[r["kind"]][json.dumps(r["settings"], sort_keys=True)] += 1
@@ -67,33 +70,39 @@ def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> list[str]:
     return fams
 
 
-def plot_scale(results: Path, out: Path, points: dict[str, float]) -> None:
+def plot_scale(results: Path, out: Path, points: dict[str, float], seeds: Sequence[int] | None = None) -> list[str]:
+    """One panel per task family in which every point has runs on all its datasets; returns those."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mean, kind = load_means(results)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, fam, label in zip(axes, ("ner", "tc"), ("NER average F1", "TC average accuracy")):
-        names = sorted(d for d, k in kind.items() if k == fam)
+    mean, kind = load_means(results, seeds)
 
-        def avg(mode: str) -> float:
-            have = [mean[(mode, d)] for d in names if (mode, d) in mean]
-            return float(np.mean(have)) if len(have) == len(names) else np.nan
+    def avg(mode: str, fam: str) -> float:
+        names = [d for d, k in kind.items() if k == fam]
+        have = [mean[(mode, d)] for d in names if (mode, d) in mean]
+        return float(np.mean(have)) if len(have) == len(names) else np.nan
 
+    titles = {"ner": "NER average F1", "tc": "TC average accuracy"}
+    fams = [f for f in titles if all(np.isfinite(avg(m, f)) for m in points)]
+    if not fams:
+        raise ValueError(f"{results}: no task family has runs of every point ({', '.join(points)}) on all its datasets")
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 4), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
         xs = sorted(points, key=points.get)
-        ax.plot([points[m] for m in xs], [avg(m) for m in xs], marker="o", label="tpl")
+        ax.plot([points[m] for m in xs], [avg(m, fam) for m in xs], marker="o", label="tpl")
         for m in xs:
-            ax.annotate(m, (points[m], avg(m)), fontsize=8)
-        if any(("base", d) in mean for d in names):
-            ax.axhline(avg("base"), color="gray", linestyle="--", label="base")
+            ax.annotate(m, (points[m], avg(m, fam)), fontsize=8)
+        if np.isfinite(avg("base", fam)):
+            ax.axhline(avg("base", fam), color="gray", linestyle="--", label="base")
         ax.set_xscale("log")
-        ax.set(title=label, xlabel="pre-finetuning data (raw sentences = pairs per source)", ylabel="x100")
+        ax.set(title=titles[fam], xlabel="pre-finetuning data (raw sentences = pairs per source)", ylabel="x100")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return fams
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     ap.add_argument("--modes", default="ner,tc,naive,tpl", help="deltas: modes to draw against base")
     ap.add_argument("--points", default="", help="scale: MODE=SIZE,... (e.g. s1=1333,tpl=4000,s3=12000)")
+    ap.add_argument("--seeds", default="", help="scale: only these seeds' runs, e.g. 0 (default: all)")
     args = ap.parse_args(argv)
     try:
         if args.what == "deltas":
@@ -114,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pts[mode] = float(size)
             if not pts:
                 ap.error("scale needs --points MODE=SIZE,...")
-            plot_scale(args.results, args.out, pts)
+            try:
+                seeds = [int(x) for x in args.seeds.split(",") if x] or None
+            except ValueError:
+                ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers")
+            plot_scale(args.results, args.out, pts, seeds)
     except (OSError, KeyError, ValueError) as e:
         print(f"plots: {e}", file=sys.stderr)
         return 2
