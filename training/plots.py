@@ -82,7 +82,7 @@ def plot_scale(results: Path, out: Path, points: dict[str, float], seeds: Sequen
     def avg(mode: str, fam: str) -> float:
         names = [d for d, k in kind.items() if k == fam]
         have = [mean[(mode, d)] for d in names if (mode, d) in mean]
-        return float(np.mean(have)) if len(have) == len(names) else np.nan
+        return float(np.mean(have)) if names and len(have) == len(names) else np.nan
 
     titles = {"ner": "NER average F1", "tc": "TC average accuracy"}
     fams = [f for f in titles if all(np.isfinite(avg(m, f)) for m in points)]
