@@ -433,7 +433,6 @@ def test_cli_runs_and_explains_missing_teacher(tiny_bert: Path, toy_root: Path, 
         pt.PretrainConfig(mode="both")
 
 
-
 def test_pseudo_labels_file_trains_without_the_teacher(tiny_bert: Path, toy_root: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch):
     """A run on another machine reads the first run's cached labels and never builds a teacher."""
@@ -469,6 +468,7 @@ def test_pseudo_labels_file_trains_without_the_teacher(tiny_bert: Path, toy_root
     with pytest.raises(ValueError, match="not a pseudo-label file"):
         pt.pretrain(tmp_path / "x5", tiny_bert, "ner", dataclasses.replace(reuse, pseudo_labels=str(tmp_path / "junk.npz")),
                     progress=False)
+
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: Path):
