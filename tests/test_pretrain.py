@@ -160,6 +160,53 @@ def test_tc_pairs_sources_groups_and_per_source_batches(toy_root: Path):
         dataclasses.replace(cfg, label_pair_sources=("nope",))
 
 
+def test_pair_mix_weights_checks_and_allocation(toy_root: Path):
+    cfg = tiny_cfg(toy_root, toy_root, mode="tc")
+    counts = pt.load_tc_pairs(cfg).counts()  # wordnet 30, dropout 60, neighbours 59, labels 60
+    assert pt.mix_weights(cfg, counts) == counts
+    assert pt.mix_weights(dataclasses.replace(cfg, pair_mix="uniform"), counts) == dict.fromkeys(counts, 1.0)
+    given = dataclasses.replace(cfg, pair_mix="wordnet_gloss=2, dropout:brown=1,neighbours:brown=0,labels:sms_spam=1")
+    weights = pt.mix_weights(given, counts)
+    assert weights == {"wordnet_gloss": 2.0, "dropout:brown": 1.0, "labels:sms_spam": 1.0}
+    for bad, why in [("wordnet_gloss=1", r"missing \['dropout:brown'"),
+                     ("wordnet_gloss=1,dropout:brown=1,neighbours:brown=1,labels:sms_spam=1,snli=1",
+                      r"unknown \['snli'\]"),
+                     ("wordnet_gloss=-1", "SOURCE=WEIGHT"), ("wordnet_gloss=nan", "SOURCE=WEIGHT"),
+                     ("wordnet_gloss", "SOURCE=WEIGHT"), ("wordnet_gloss=1,wordnet_gloss=2", "each source once"),
+                     ("wordnet_gloss=0,dropout:brown=0,neighbours:brown=0,labels:sms_spam=0", "every pair source weight 0"),
+                     ("by size", "SOURCE=WEIGHT")]:
+        with pytest.raises(ValueError, match=why):
+            dataclasses.replace(cfg, pair_mix=bad)  # refused when the config is made, before any data loads
+    with pytest.raises(ValueError, match=r"\['wordnet_gloss'\], which hold no pairs"):
+        pt.mix_weights(given, {k: v for k, v in counts.items() if k != "wordnet_gloss"})
+    drawn = [pt.tc_allocation(given, step, weights, 32) for step in range(400)]
+    assert all(sum(a.values()) == 32 and set(a) <= set(weights) for a in drawn)
+    assert drawn[7] == pt.tc_allocation(given, 7, weights, 32)  # a function of the step: resumable
+    share = sum(a.get("wordnet_gloss", 0) for a in drawn) / (32 * 400)
+    assert 0.47 < share < 0.53  # weight 2 of 4
+    assert pt.tc_stream_for_step(given, 0, weights) == "tc:*"
+    assert pt.tc_stream_for_step(cfg, 0, counts) == "tc"  # pool, mixed: the one stream of before
+
+
+def test_pair_mix_decides_what_the_batches_hold(tiny_bert: Path, toy_root: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch):
+    only = "wordnet_gloss=0,dropout:brown=1,neighbours:brown=0,labels:sms_spam=0"
+    seen: list[list[int]] = []
+    make_batch = pt.make_batch
+    monkeypatch.setattr(pt, "make_batch", lambda task, data, idx, *a: seen.append(list(idx)) or make_batch(
+        task, data, idx, *a))
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=5, pair_mix=only)
+    pt.pretrain(tmp_path / "one", tiny_bert, "tc", cfg, progress=False)
+    a, b = pt.load_tc_pairs(cfg).spans["dropout:brown"]
+    assert len(seen) == 5 and all(len(i) == 4 and a <= min(i) and max(i) < b for i in seen)
+    data = ck.read_config(tmp_path / "one")["pretrain"]["data"]
+    assert data["tc_shares"] == {"dropout:brown": 1.0} and data["tc"]["wordnet_gloss"] == 30
+    assert ck.read_config(tmp_path / "one")["pretrain"]["config"]["pair_mix"] == only
+    with pytest.raises(ValueError, match=r"\{'wordnet_gloss': 30\} hold fewer pairs than one TC batch \(31\)"):
+        pt.pretrain(tmp_path / "big", tiny_bert, "tc", dataclasses.replace(cfg, pair_mix="uniform", tc_batch_size=31),
+                    progress=False)
+
+
 def test_cluster_ce_by_hand_and_ignore_index():
     logits = torch.tensor([[[2.0, 0.0], [50.0, -50.0], [0.0, 0.0]]])  # (1, 3, 2)
     ids = torch.tensor([[0, -100, 1]])
@@ -390,11 +437,13 @@ def test_same_seed_same_weights(tiny_bert: Path, toy_root: Path, tmp_path: Path)
         tensors(tmp_path / "a")["backbone/embeddings.word_embeddings.weight"]).any()
 
 
-@pytest.mark.parametrize("sampling,batching", [("alternating", "mixed"), ("proportional", "mixed"),
-                                               ("alternating", "per-source")])
-def test_resumed_run_is_bit_identical(sampling: str, batching: str, tiny_bert: Path, toy_root: Path,
+@pytest.mark.parametrize("sampling,batching,mix", [("alternating", "mixed", "pool"), ("proportional", "mixed", "pool"),
+                                                   ("alternating", "per-source", "pool"),
+                                                   ("alternating", "mixed", "uniform")])
+def test_resumed_run_is_bit_identical(sampling: str, batching: str, mix: str, tiny_bert: Path, toy_root: Path,
                                       tmp_path: Path):
-    cfg = tiny_cfg(tiny_bert, toy_root, steps=7, checkpoint_every=2, sampling=sampling, tc_batching=batching)
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=7, checkpoint_every=2, sampling=sampling, tc_batching=batching,
+                   pair_mix=mix)
     pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
     stopped = pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, stop_after=3, progress=False)
     assert stopped["stopped_at"] == 3 and (tmp_path / "parts/resume/state.pt").is_file()
@@ -415,12 +464,13 @@ def test_cli_runs_and_explains_missing_teacher(tiny_bert: Path, toy_root: Path, 
                                                capsys: pytest.CaptureFixture[str]):
     args = [str(tmp_path / "cli"), "--base", str(tiny_bert), "--mode", "tc", "--steps", "2",
             "--pair-sources", "wordnet_gloss", "--raw-pair-sources", "dropout:brown", "--tc-batch-size", "4",
-            "--label-pair-sources", "sms_spam", "--tc-batching", "per-source",
+            "--label-pair-sources", "sms_spam", "--tc-batching", "per-source", "--pair-mix", "uniform",
             "--data-root", str(toy_root), "--no-progress", "--symmetric"]
     assert pt.main(args) == 0
     cfg = ck.read_config(tmp_path / "cli")["pretrain"]["config"]
     assert cfg["symmetric"] is True and cfg["steps"] == 2 and cfg["pair_sources"] == ["wordnet_gloss"]
     assert cfg["label_pair_sources"] == ["sms_spam"] and cfg["tc_batching"] == "per-source"
+    assert cfg["pair_mix"] == "uniform" and pt.PretrainConfig().pair_mix == "pool"
     field = next(f for f in dataclasses.fields(pt.PretrainConfig) if f.name == "label_pair_sources")
     assert pt._parse_value(field, "held-out") == pt.LABEL_PAIR_SOURCES
     assert pt.PretrainConfig().label_pair_sources == () and pt.PretrainConfig().tc_batching == "mixed"

@@ -95,6 +95,9 @@ class PretrainConfig:
                                              "of two same-class texts; same-class rows of a batch are not "
                                              "negatives; 'held-out' = every registered TC set outside the "
                                              "study's suite (LABEL_PAIR_SOURCES)")
+    pair_mix: str = _f("pool", "each TC pair source's share of the batches: pool (in proportion to its "
+                       "capped pairs, so the mix moves with --max-pairs-per-source), uniform (equal "
+                       "shares) or SOURCE=W,... naming every source (W >= 0, normalised; 0 leaves it out)")
     tc_batching: str = _f("mixed", "mixed: each TC batch from all pairs | per-source: from one source, drawn "
                           "in proportion to its pairs (in-domain negatives)")
     max_pairs_per_source: int | None = _f(20000, "seeded cap per pair source (None = all)")
@@ -136,6 +139,8 @@ class PretrainConfig:
             raise ValueError(f"sampling {self.sampling!r}; choose alternating or proportional")
         if self.tc_batching not in ("per-source", "mixed"):
             raise ValueError(f"tc_batching {self.tc_batching!r}; choose per-source or mixed")
+        if "tc" in self.tasks:
+            mix_weights(self, dict.fromkeys(self.tc_sources, 1))  # the spec is checked before any data loads
         archmod.check_targets(self.lora_targets)
         bad = [s for s in self.pair_sources if s not in PAIR_SOURCES]
         if bad:
@@ -168,6 +173,11 @@ class PretrainConfig:
     @property
     def tasks(self) -> tuple[str, ...]:
         return {"base": (), "ner": ("ner",), "tc": ("tc",), "naive": ("ner", "tc"), "tpl": ("ner", "tc")}[self.mode]
+
+    @property
+    def tc_sources(self) -> tuple[str, ...]:
+        """The configured TC pair sources, by the names batches and ``--pair-mix`` use."""
+        return (*self.pair_sources, *self.raw_pair_sources, *(f"labels:{n}" for n in self.label_pair_sources))
 
 
 # Fields that may differ between an interrupted run and its resumption.
@@ -342,12 +352,18 @@ class Stream:
             self._perm = (self.epoch, rng.permutation(self.n))
         return self._perm[1]
 
-    def next(self) -> list[int]:
-        if self.pos + self.global_batch > self.n:  # drop the ragged tail of an epoch
+    def take(self, k: int) -> np.ndarray:
+        """The next ``k`` indices of the global order, the same in every process."""
+        if k > self.n:
+            raise ValueError(f"{self.name}: a batch of {k} from {self.n} examples")
+        if self.pos + k > self.n:  # drop the ragged tail of an epoch
             self.epoch, self.pos = self.epoch + 1, 0
-        idx = self._permutation()[self.pos:self.pos + self.global_batch]
-        self.pos += self.global_batch
-        return idx[self.rank::self.world].tolist()
+        idx = self._permutation()[self.pos:self.pos + k]
+        self.pos += k
+        return idx
+
+    def next(self) -> list[int]:
+        return self.take(self.global_batch)[self.rank::self.world].tolist()
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -373,12 +389,54 @@ def task_for_step(cfg: PretrainConfig, step: int, sizes: dict[str, int]) -> str:
     return _pick_in_proportion(tasks, sizes, cfg.seed, 0x7A5C, step)
 
 
-def tc_stream_for_step(cfg: PretrainConfig, step: int, counts: dict[str, int]) -> str:
-    """The TC stream a step draws from: ``tc`` (mixed) or ``tc:SOURCE`` with probability
-    proportional to the source's pairs."""
+def mix_weights(cfg: PretrainConfig, counts: dict[str, int]) -> dict[str, float]:
+    """Each pair source's weight in the TC batches under ``cfg.pair_mix``, for the sources that
+    hold pairs (``counts``); sources weighted 0 are left out. ``pool`` gives the counts
+    themselves, so a run draws exactly what it drew before the option existed."""
+    if cfg.pair_mix == "pool":
+        return dict(counts)
+    if cfg.pair_mix == "uniform":
+        return dict.fromkeys(counts, 1.0)
+    given: dict[str, float] = {}
+    for item in cfg.pair_mix.split(","):
+        name, eq, w = (x.strip() for x in item.rpartition("="))
+        try:
+            weight = float(w) if eq and name else -1.0
+        except ValueError:
+            weight = -1.0
+        if not weight >= 0 or name in given:  # also refuses nan
+            raise ValueError(f"pair_mix item {item.strip()!r}: expected SOURCE=WEIGHT with a weight >= 0, "
+                             f"each source once (or pool / uniform)")
+        given[name] = weight
+    unknown, missing = sorted(set(given) - set(cfg.tc_sources)), sorted(set(cfg.tc_sources) - set(given))
+    if unknown or missing:
+        raise ValueError(f"pair_mix must weight every configured pair source: unknown {unknown}, "
+                         f"missing {missing} (configured: {','.join(cfg.tc_sources)})")
+    empty = sorted(n for n, w in given.items() if w > 0 and not counts.get(n))
+    if empty:
+        raise ValueError(f"pair_mix weights pair source(s) {empty}, which hold no pairs")
+    weights = {n: w for n, w in given.items() if w > 0}
+    if not weights:
+        raise ValueError("pair_mix gives every pair source weight 0")
+    return weights
+
+
+def tc_stream_for_step(cfg: PretrainConfig, step: int, weights: dict[str, float]) -> str:
+    """The TC stream a step draws from: ``tc`` (mixed batches, ``pool`` mix: one stream over all
+    pairs), ``tc:*`` (mixed batches drawn per source, :func:`tc_allocation`) or, per-source
+    batching, ``tc:SOURCE`` with probability proportional to its weight."""
     if cfg.tc_batching == "mixed":
-        return "tc"
-    return "tc:" + _pick_in_proportion(sorted(counts), counts, cfg.seed, 0x7C5B, step)
+        return "tc" if cfg.pair_mix == "pool" else "tc:*"
+    return "tc:" + _pick_in_proportion(sorted(weights), weights, cfg.seed, 0x7C5B, step)
+
+
+def tc_allocation(cfg: PretrainConfig, step: int, weights: dict[str, float], size: int) -> dict[str, int]:
+    """How many of a mixed batch's ``size`` pairs each source gives: a multinomial draw with the
+    sources' weights, seeded by the step (resumable, the same in every process)."""
+    names = sorted(weights)
+    p = np.array([weights[n] for n in names], np.float64)
+    got = np.random.default_rng([cfg.seed, 0x7C5C, step]).multinomial(size, p / p.sum())
+    return {n: int(k) for n, k in zip(names, got) if k}
 
 
 def _teacher_spec(cfg: PretrainConfig) -> str:
@@ -671,17 +729,26 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         if rank != 0:
             data["ner"], data_info["ner"] = load_ner_data(cfg, tokenizer, cache_dir, max_length, False)
         sizes["ner"] = len(data["ner"])
+    weights: dict[str, float] = {}
     if "tc" in cfg.tasks:
         data["tc"] = load_tc_pairs(cfg)
         data_info["tc"] = data["tc"].counts()
         sizes["tc"] = len(data["tc"].pairs)
+        weights = mix_weights(cfg, data_info["tc"])
+        total = sum(weights.values())
+        data_info["tc_shares"] = {n: round(w / total, 4) for n, w in weights.items()}
+        small = {n: data_info["tc"][n] for n in weights if data_info["tc"][n] < cfg.tc_batch_size * world}
+        if cfg.tc_batching == "mixed" and cfg.pair_mix != "pool" and small:
+            raise ValueError(f"pair source(s) {small} hold fewer pairs than one TC batch "
+                             f"({cfg.tc_batch_size * world}); weight them 0 or lower --tc-batch-size")
     resolved["data"] = data_info
     streams: dict[str, Stream] = {}  # "ner", and "tc" or one "tc:SOURCE" per pair source
     offsets: dict[str, int] = {}
     if "ner" in cfg.tasks:
         streams["ner"], offsets["ner"] = Stream("ner", sizes["ner"], cfg.ner_batch_size, cfg.seed, rank, world), 0
     if "tc" in cfg.tasks:
-        spans = data["tc"].spans if cfg.tc_batching == "per-source" else {"": (0, sizes["tc"])}
+        one = cfg.tc_batching == "mixed" and cfg.pair_mix == "pool"
+        spans = {"": (0, sizes["tc"])} if one else {s: data["tc"].spans[s] for s in weights}
         for src, (a, b) in spans.items():
             name = f"tc:{src}" if src else "tc"
             streams[name], offsets[name] = Stream(name, b - a, cfg.tc_batch_size, cfg.seed, rank, world), a
@@ -743,8 +810,13 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
             scale = cfg.ner_backbone_lr_scale if k == "backbone" and task == "ner" else 1.0
             for g in o.param_groups:
                 g["lr"] = g["initial_lr"] * f * scale
-        name = tc_stream_for_step(cfg, step, data["tc"].counts()) if task == "tc" else task
-        idx = [offsets[name] + i for i in streams[name].next()]
+        name = tc_stream_for_step(cfg, step, weights) if task == "tc" else task
+        if name == "tc:*":
+            rows = [offsets[f"tc:{s}"] + streams[f"tc:{s}"].take(k)
+                    for s, k in tc_allocation(cfg, step, weights, cfg.tc_batch_size * world).items()]
+            idx = np.concatenate(rows)[rank::world].tolist()
+        else:
+            idx = [offsets[name] + i for i in streams[name].next()]
         batch = make_batch(task, data[task], idx, tokenizer, pad_id, max_length)
         loss, tokens = train_step(model, opts, cfg, task, batch, device)
         if device.startswith("cuda"):
