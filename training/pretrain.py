@@ -139,8 +139,7 @@ class PretrainConfig:
             raise ValueError(f"sampling {self.sampling!r}; choose alternating or proportional")
         if self.tc_batching not in ("per-source", "mixed"):
             raise ValueError(f"tc_batching {self.tc_batching!r}; choose per-source or mixed")
-        if "tc" in self.tasks:
-            mix_weights(self, dict.fromkeys(self.tc_sources, 1))  # the spec is checked before any data loads
+        mix_weights(self, dict.fromkeys(self.tc_sources, 1))  # the spec is checked before any data loads
         archmod.check_targets(self.lora_targets)
         bad = [s for s in self.pair_sources if s not in PAIR_SOURCES]
         if bad:

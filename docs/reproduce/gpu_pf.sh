@@ -1,9 +1,14 @@
 #!/bin/bash
-# GPU-scale pre-finetuning (issue 7, session 5): the script the H200 ran, from the repo root, with
+# GPU-scale pre-finetuning (issue 7): the script the H200 ran in session 5, from the repo root, with
 # .xfer/ carried beside it (docs/results.md, "GPU-scale pre-finetuning", says how .xfer/ was made):
-#   whl/peft-0.21.2 wheel, base16/ (fp16 copy of all-MiniLM-L6-v2), data.tar.xz (../shared/data raw/
-#   and pairs/), labels.npz.xz (the spaCy pseudo-labels made on the CPU VM), pack.py (= gpu_pack.py).
-# Knobs for a dry run on a CPU box: DEV=cpu S10=6 S30=8 XPP=<extra PYTHONPATH> OUT=<folder>.
+#   whl/peft-0.21.2 wheel, base16/ (fp16 copy of all-MiniLM-L6-v2), data.tar.xz (../shared/data raw/,
+#   pairs/ and, for g10l, the held-out label sets under tc/), labels.npz.xz (the spaCy pseudo-labels
+#   made on the CPU VM), pack.py (= gpu_pack.py).
+# RUNS picks the runs, all started at once (default: session 6's plan for the TC miss, g10m g10l):
+#   g10, g30   session 5: the session-3 recipe at 10x (3,600 steps) and 30x (10,800 steps)
+#   g10m       g10 with the CPU-scale pair mix kept (--pair-mix weights = the 12,000-cap pool sizes)
+#   g10l       g10 with the held-out label pairs, every source an equal share (--pair-mix uniform)
+# Knobs for a dry run on a CPU box: DEV=cpu STEPS=6 XPP=<extra PYTHONPATH> OUT=<folder>.
 set -u
 T0=$(date +%s)
 OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD
@@ -28,14 +33,24 @@ run() {  # name, extra args: one pre-finetuning run, then its backbone delta pac
   echo "$n rc=$rc $(( $(date +%s) - s )) s"; grep -E "step|Error|error" /tmp/$n.log | tail -4
   if [ $rc = 0 ]; then python3 .xfer/pack.py pack /tmp/base /tmp/ck/$n $OUTD/$n; else tail -30 /tmp/$n.log > $OUTD/$n.err; fi
 }
+CPU_MIX=mrpc=2753,paws=3539,stsb=1406,snli=367,mnli=719,wordnet_gloss=12000,dropout:nlp_corpus=12000,neighbours:brown=12000
 rm -rf /tmp/ck
-run g10 --steps ${S10:-3600} & P1=$!
-run g30 --steps ${S30:-10800} & P2=$!
+PIDS=""
+for n in ${RUNS:-g10m g10l}; do
+  case $n in
+    g10) run g10 --steps ${STEPS:-3600} & ;;
+    g30) run g30 --steps ${STEPS:-10800} & ;;
+    g10m) run g10m --steps ${STEPS:-3600} --pair-mix $CPU_MIX & ;;
+    g10l) run g10l --steps ${STEPS:-3600} --label-pair-sources held-out --pair-mix uniform & ;;
+    *) echo "unknown run $n"; continue ;;
+  esac
+  PIDS="$PIDS $!"
+done
 DEADLINE=$(( T0 + ${DEADLINE_S:-450} ))
 while [ -n "$(jobs -r)" ] && [ $(date +%s) -lt $DEADLINE ]; do sleep 5; done
 if [ -n "$(jobs -r)" ]; then echo "deadline: killing $(jobs -r)"; pkill -f mtpf_training.pretrain; fi
 # Name the jobs: a bare `wait` also waits for the tee above, which never ends. The session-5 run
 # had the bare `wait` and idled until the call's time limit (120 s of device time lost).
-wait $P1 $P2
+wait $PIDS
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 echo "total $(( $(date +%s) - T0 )) s"; ls -la $OUTD
