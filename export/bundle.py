@@ -24,6 +24,7 @@ from mtpf_runtime.manifest import (
     sha256_file,
 )
 from mtpf_training.arch import arch_for, parse_lora_key
+from mtpf_training.checkpoint import CheckpointError, check_task_files
 
 from .graph import build_backbone
 from .quantize import SCHEMES, matmul_errors, quantize_backbone
@@ -131,6 +132,10 @@ def read_checkpoint_tasks(ckpt: Path, names: list[str] | None = None) -> list[Ck
     out = []
     for n in names:
         meta = json.loads((tdir / f"{n}.json").read_text())
+        try:
+            check_task_files(ckpt, meta)
+        except CheckpointError as e:
+            raise ExportError(str(e)) from None
         head = load_file(str(ckpt / "heads" / f"{n}.safetensors"))
         out.append(CkptTask(n, meta["kind"], tuple(meta["labels"]), meta.get("adapter"),
                             int(meta.get("max_length", 128)),

@@ -296,6 +296,43 @@ def test_tc_with_adapter_copies_it_in(tiny_bert: Path, tmp_path: Path) -> None:
         adapt.train_tc(ckpt, toy_tc(), "sent3", adapter="missing", progress=False)
 
 
+def test_a_task_whose_weights_changed_after_its_json_is_refused(tiny_bert: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtpf_export.bundle import ExportError, read_checkpoint_tasks
+
+    ckpt = new_ckpt(tmp_path, tiny_bert)
+    adapt.train_ner(ckpt, toy_ner(), "ents", **FAST)
+    adapt.train_tc(ckpt, toy_tc(), "sent", progress=False)
+    files = json.loads((ckpt / "tasks/ents.json").read_text())["files"]
+    assert files == {"head_sha256": ck.sha256_file(ckpt / "heads/ents.safetensors"),
+                     "adapter_sha256": ck.sha256_file(ckpt / "adapters/ents/adapter_model.safetensors")}
+
+    # Re-training "ents" stops after its new adapter is written, before its head and json.
+    write = ck._atomic_write_bytes
+
+    def stop_at_head(path: Path, data: bytes) -> None:
+        if path.name == "ents.safetensors":
+            raise KeyboardInterrupt
+        write(path, data)
+
+    monkeypatch.setattr(ck, "_atomic_write_bytes", stop_at_head)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.train_ner(ckpt, toy_ner(seed=1), "ents", **FAST)
+    monkeypatch.setattr(ck, "_atomic_write_bytes", write)
+    with pytest.raises(ck.CheckpointError, match="task 'ents'.*its adapter weights are not the ones"):
+        ck.load_task(ckpt, "ents")
+    ck.load_task(ckpt, "sent")  # the other task is untouched
+    with pytest.raises(ExportError, match="train the task again"):
+        read_checkpoint_tasks(ckpt, ["ents"])
+    adapt.train_ner(ckpt, toy_ner(seed=1), "ents", **FAST)  # training it again mends it
+    assert ck.load_task(ckpt, "ents").meta["files"]["adapter_sha256"] != files["adapter_sha256"]
+
+    # A head replaced by hand.
+    (ckpt / "heads/sent.safetensors").write_bytes((ckpt / "heads/ents.safetensors").read_bytes())
+    with pytest.raises(ck.CheckpointError, match="task 'sent'.*its head weights"):
+        ck.load_task(ckpt, "sent")
+
+
 # --------------------------------------------------------------------------- interrupt and resume
 
 def _raise_after(fn: Any, calls: int) -> Any:

@@ -5,7 +5,8 @@ A checkpoint is a folder in plain Hugging Face / PEFT conventions::
     backbone/                 save_pretrained of the base encoder (AutoModel) + tokenizer
     adapters/<adapter>/       PEFT save_pretrained (adapter_config.json, adapter_model.safetensors)
     heads/<task>.safetensors  float32 ``weight`` [num_labels, hidden], ``bias`` [num_labels]
-    tasks/<task>.json         name, kind, labels, adapter, pooling, max_length, dataset, metrics
+    tasks/<task>.json         name, kind, labels, adapter, pooling, max_length, dataset, metrics,
+                              files: sha256 of the head and adapter weights it was written with
     config.json               schema, base, backbone_sha256, tasks: {task: resolved config}
     metrics.json              {task: metrics}
     resume/<task>.pt          only while a run of mtpf-adapt is unfinished: its resume state
@@ -280,7 +281,10 @@ def save_task(
     ``adapter_model_or_dir`` is a PeftModel to save, a PEFT folder to copy in, or None
     when ``adapter_name`` already lives in the checkpoint (or the task has no adapter).
     The task json is written last-but-two, so a reader never finds a task whose head or
-    adapter is missing.
+    adapter is missing. It records the sha256 of the head and adapter weights it was
+    written with: re-training a task replaces three files one after another, and a run
+    stopped between them leaves a new adapter or head beside the old json, which
+    :func:`check_task_files` refuses.
     """
     from safetensors.numpy import save as st_save
 
@@ -304,6 +308,7 @@ def save_task(
     task = {"name": name, "kind": kind, "labels": list(labels), "adapter": adapter_name}
     task.update(task_meta)
     task["metrics"] = metrics
+    task["files"] = task_files(ckpt, name, adapter_name)
     _atomic_write_json(ckpt / "tasks" / f"{name}.json", task)
     cfg.setdefault("tasks", {})[name] = config
     _atomic_write_json(ckpt / "config.json", cfg)
@@ -312,6 +317,31 @@ def save_task(
     all_metrics[name] = metrics
     _atomic_write_json(mpath, all_metrics)
     return ckpt / "tasks" / f"{name}.json"
+
+
+def task_files(ckpt: str | Path, name: str, adapter: str | None) -> dict[str, str | None]:
+    """sha256 of the weights a task is made of: its head and, if it has one, its adapter."""
+    return {"head_sha256": sha256_file(Path(ckpt) / "heads" / f"{name}.safetensors"),
+            "adapter_sha256": _adapter_fingerprint(adapter_dir(ckpt, adapter)) if adapter else None}
+
+
+def check_task_files(ckpt: str | Path, meta: dict[str, Any]) -> None:
+    """Refuse a task whose head or adapter is not the one its json was written with.
+
+    That happens when a re-training stopped between its file writes (:func:`save_task`), or
+    when a file was replaced by hand. Tasks written before the json recorded ``files`` are
+    not checked.
+    """
+    saved = meta.get("files")
+    if not saved:
+        return
+    now = task_files(ckpt, meta["name"], meta.get("adapter"))
+    changed = [k.removesuffix("_sha256") for k in sorted(saved) if saved[k] != now.get(k)]
+    if changed:
+        raise CheckpointError(
+            f"task {meta['name']!r} in {ckpt}: its {' and '.join(changed)} weights are not the ones "
+            f"tasks/{meta['name']}.json was written with (a re-training stopped part way, or a file "
+            "was replaced); train the task again")
 
 
 def list_tasks(ckpt: str | Path) -> list[str]:
@@ -329,6 +359,7 @@ def load_task(ckpt: str | Path, name: str) -> TaskArtifacts:
     if not path.is_file():
         raise KeyError(f"task {name!r} not in {ckpt}; known tasks: {list_tasks(ckpt)}")
     meta = json.loads(path.read_text())
+    check_task_files(ckpt, meta)
     head = load_file(str(ckpt / "heads" / f"{name}.safetensors"))
     adapter = meta.get("adapter")
     return TaskArtifacts(
