@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tc-train", type=int, default=1000, help="BBC news training articles for the probe")
     p.add_argument("--tc-max-length", type=int, default=128, help="tokens per article for the probe")
     p.add_argument("--threads", type=int, default=None, help="Runtime threads (default: all cores)")
-    p.add_argument("--fresh", action="store_true", help="delete the workdir's checkpoint first")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the workdir's checkpoint first (else a rerun keeps the finished steps and "
+                        "resumes an interrupted adaptation from its last epoch)")
     return p
 
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mtpf_export.bundle import export_bundle
     from mtpf_training import adapt
-    from mtpf_training.checkpoint import init_checkpoint
+    from mtpf_training.checkpoint import init_checkpoint, resume_state_path
     from mtpf_training.embedded import load_embedded
 
     ckpt, bundle = args.workdir / "ckpt", args.workdir / "bundle"
@@ -115,18 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     print("== 1/3 adapting: NER on WNUT-16 tweets, topic probe on BBC news", flush=True)
     have = {p.stem for p in (ckpt / "tasks").glob("*.json")} if (ckpt / "tasks").is_dir() else set()
     metrics = {}
+    for task in ("wnut16", "bbc_news"):
+        if task not in have and resume_state_path(ckpt, task).is_file():
+            print(f"   {task}: continuing the interrupted run from {resume_state_path(ckpt, task)}")
     if "wnut16" not in have:
         t = time.time()
         metrics["wnut16"] = adapt.train_ner(ckpt, load_embedded("wnut16"), "wnut16",
                                             max_train=args.ner_train, epochs=args.ner_epochs,
                                             lr=args.ner_lr,
-                                            init_adapter="pf_ner" if "pf_ner" in pf else None)
+                                            init_adapter="pf_ner" if "pf_ner" in pf else None, resume=True)
         print(f"   wnut16 NER trained in {time.time() - t:.0f}s")
     if "bbc_news" not in have:
         t = time.time()
         metrics["bbc_news"] = adapt.train_tc(ckpt, load_embedded("bbc_news"), "bbc_news",
                                              max_train=args.tc_train, max_length=args.tc_max_length,
-                                             adapter="pf_tc" if "pf_tc" in pf else None)
+                                             adapter="pf_tc" if "pf_tc" in pf else None, resume=True)
         print(f"   bbc_news probe trained in {time.time() - t:.0f}s")
     all_metrics = json.loads((ckpt / "metrics.json").read_text())
     for task in ("wnut16", "bbc_news"):
