@@ -8,10 +8,14 @@
 #   g10, g30   session 5: the session-3 recipe at 10x (3,600 steps) and 30x (10,800 steps)
 #   g10m       g10 with the CPU-scale pair mix kept (--pair-mix weights = the 12,000-cap pool sizes)
 #   g10l       g10 with the held-out label pairs, every source an equal share (--pair-mix uniform)
-# Knobs for a dry run on a CPU box: DEV=cpu STEPS=6 XPP=<extra PYTHONPATH> OUT=<folder>.
+# Knobs for a dry run on a CPU box: DEV=cpu STEPS=6 XPP=<extra PYTHONPATH> OUT=<folder> RETURN_MB=<cap>.
+# `bash gpu_pf.sh fetch` (a second call) returns the runs that did not fit the first call's 64 MiB.
 set -u
 T0=$(date +%s)
-OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD
+OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD /tmp/packs
+if [ "${1:-}" = fetch ]; then  # second call: bring back what the first had to leave
+  for d in /tmp/packs/*/; do [ -d "$d" ] && mv $d $OUTD/; done; ls -la $OUTD; exit 0
+fi
 exec > >(tee -a $OUTD/gpu.log) 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .xfer/whl/*.whl || exit 1
@@ -31,10 +35,10 @@ run() {  # name, extra args: one pre-finetuning run, then its backbone delta pac
   python3 -m mtpf_training.pretrain /tmp/ck/$n $PF "$@" > /tmp/$n.log 2>&1
   local rc=$?
   echo "$n rc=$rc $(( $(date +%s) - s )) s"; grep -E "step|Error|error" /tmp/$n.log | tail -4
-  if [ $rc = 0 ]; then python3 .xfer/pack.py pack /tmp/base /tmp/ck/$n $OUTD/$n; else tail -30 /tmp/$n.log > $OUTD/$n.err; fi
+  if [ $rc = 0 ]; then python3 .xfer/pack.py pack /tmp/base /tmp/ck/$n /tmp/packs/$n; else tail -30 /tmp/$n.log > $OUTD/$n.err; fi
 }
 CPU_MIX=mrpc=2753,paws=3539,stsb=1406,snli=367,mnli=719,wordnet_gloss=12000,dropout:nlp_corpus=12000,neighbours:brown=12000
-rm -rf /tmp/ck
+rm -rf /tmp/ck /tmp/packs/*
 PIDS=""
 for n in ${RUNS:-g10m g10l}; do
   case $n in
@@ -53,4 +57,15 @@ if [ -n "$(jobs -r)" ]; then echo "deadline: killing $(jobs -r)"; pkill -f mtpf_
 # had the bare `wait` and idled until the call's time limit (120 s of device time lost).
 wait $PIDS
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
+# A call brings back at most 64 MiB, and a 3,600-step run packs to 30-33 MB: copy whole runs while
+# they fit, and leave the rest in /tmp/packs for a second call on the warm machine to fetch
+# (bash docs/reproduce/gpu_pf.sh fetch), so no run is cut part way.
+fetch() {
+  local used=0
+  for d in /tmp/packs/*/; do
+    local mb=$(( $(du -sb $d | cut -f1) / 1000000 + 1 ))
+    if [ $(( used + mb )) -le ${RETURN_MB:-62} ]; then mv $d $OUTD/ && used=$(( used + mb )); else echo "left for the next call: $d ($mb MB)"; fi
+  done
+}
+fetch
 echo "total $(( $(date +%s) - T0 )) s"; ls -la $OUTD
