@@ -174,6 +174,11 @@ class PretrainConfig:
         return {"base": (), "ner": ("ner",), "tc": ("tc",), "naive": ("ner", "tc"), "tpl": ("ner", "tc")}[self.mode]
 
     @property
+    def one_tc_stream(self) -> bool:
+        """Mixed batches in the pool mix draw from one stream over all pairs (else one per source)."""
+        return self.tc_batching == "mixed" and self.pair_mix == "pool"
+
+    @property
     def tc_sources(self) -> tuple[str, ...]:
         """The configured TC pair sources, by the names batches and ``--pair-mix`` use."""
         return (*self.pair_sources, *self.raw_pair_sources, *(f"labels:{n}" for n in self.label_pair_sources))
@@ -425,7 +430,7 @@ def tc_stream_for_step(cfg: PretrainConfig, step: int, weights: dict[str, float]
     pairs), ``tc:*`` (mixed batches drawn per source, :func:`tc_allocation`) or, per-source
     batching, ``tc:SOURCE`` with probability proportional to its weight."""
     if cfg.tc_batching == "mixed":
-        return "tc" if cfg.pair_mix == "pool" else "tc:*"
+        return "tc" if cfg.one_tc_stream else "tc:*"
     return "tc:" + _pick_in_proportion(sorted(weights), weights, cfg.seed, 0x7C5B, step)
 
 
@@ -737,7 +742,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         total = sum(weights.values())
         data_info["tc_shares"] = {n: round(w / total, 4) for n, w in weights.items()}
         small = {n: data_info["tc"][n] for n in weights if data_info["tc"][n] < cfg.tc_batch_size * world}
-        if cfg.tc_batching == "mixed" and cfg.pair_mix != "pool" and small:
+        if cfg.tc_batching == "mixed" and not cfg.one_tc_stream and small:
             raise ValueError(f"pair source(s) {small} hold fewer pairs than one TC batch "
                              f"({cfg.tc_batch_size * world}); weight them 0 or lower --tc-batch-size")
     resolved["data"] = data_info
@@ -746,8 +751,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     if "ner" in cfg.tasks:
         streams["ner"], offsets["ner"] = Stream("ner", sizes["ner"], cfg.ner_batch_size, cfg.seed, rank, world), 0
     if "tc" in cfg.tasks:
-        one = cfg.tc_batching == "mixed" and cfg.pair_mix == "pool"
-        spans = {"": (0, sizes["tc"])} if one else {s: data["tc"].spans[s] for s in weights}
+        spans = {"": (0, sizes["tc"])} if cfg.one_tc_stream else {s: data["tc"].spans[s] for s in weights}
         for src, (a, b) in spans.items():
             name = f"tc:{src}" if src else "tc"
             streams[name], offsets[name] = Stream(name, b - a, cfg.tc_batch_size, cfg.seed, rank, world), a
