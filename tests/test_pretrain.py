@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -193,8 +194,12 @@ def test_pair_mix_decides_what_the_batches_hold(tiny_bert: Path, toy_root: Path,
     only = "wordnet_gloss=0,dropout:brown=1,neighbours:brown=0,labels:sms_spam=0"
     seen: list[list[int]] = []
     make_batch = pt.make_batch
-    monkeypatch.setattr(pt, "make_batch", lambda task, data, idx, *a: seen.append(list(idx)) or make_batch(
-        task, data, idx, *a))
+
+    def recording(task: str, data: Any, idx: list[int], *rest: Any) -> dict[str, torch.Tensor]:
+        seen.append(list(idx))
+        return make_batch(task, data, idx, *rest)
+
+    monkeypatch.setattr(pt, "make_batch", recording)
     cfg = tiny_cfg(tiny_bert, toy_root, steps=5, pair_mix=only)
     pt.pretrain(tmp_path / "one", tiny_bert, "tc", cfg, progress=False)
     a, b = pt.load_tc_pairs(cfg).spans["dropout:brown"]
