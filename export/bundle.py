@@ -24,7 +24,7 @@ from mtpf_runtime.manifest import (
     sha256_file,
 )
 from mtpf_training.arch import arch_for, parse_lora_key
-from mtpf_training.checkpoint import CheckpointError, check_task_files
+from mtpf_training.checkpoint import load_task
 
 from .graph import build_backbone
 from .quantize import SCHEMES, matmul_errors, quantize_backbone
@@ -117,8 +117,6 @@ class CkptTask:
 
 # ---------------------------------------------------------------- checkpoint reading
 def read_checkpoint_tasks(ckpt: Path, names: list[str] | None = None) -> list[CkptTask]:
-    from safetensors.numpy import load_file
-
     tdir = ckpt / "tasks"
     if not (ckpt / "backbone" / "config.json").is_file():
         raise ExportError(f"{ckpt}: not a checkpoint (no backbone/config.json); train one with mtpf-adapt")
@@ -131,15 +129,12 @@ def read_checkpoint_tasks(ckpt: Path, names: list[str] | None = None) -> list[Ck
         raise ExportError(f"{ckpt}: tasks {unknown} not in the checkpoint; it has {available}")
     out = []
     for n in names:
-        meta = json.loads((tdir / f"{n}.json").read_text())
         try:
-            check_task_files(ckpt, meta)
-        except CheckpointError as e:
+            t = load_task(ckpt, n)  # refuses a task whose head or adapter changed after its json
+        except ValueError as e:  # CheckpointError, or a task file name save_task would not write
             raise ExportError(str(e)) from None
-        head = load_file(str(ckpt / "heads" / f"{n}.safetensors"))
-        out.append(CkptTask(n, meta["kind"], tuple(meta["labels"]), meta.get("adapter"),
-                            int(meta.get("max_length", 128)),
-                            head["weight"].astype(np.float32), head["bias"].astype(np.float32)))
+        out.append(CkptTask(n, t.kind, t.labels, t.meta.get("adapter"), int(t.meta.get("max_length", 128)),
+                            t.head_weight.astype(np.float32), t.head_bias.astype(np.float32)))
     return out
 
 
