@@ -23,6 +23,18 @@ from typing import Sequence
 import numpy as np
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a ``CKPT[:ADAPTER]`` that names no checkpoint backbone or adapter, before any work."""
+    path, _, adapter = spec.partition(":")
+    if path == "minilm" and not adapter:
+        return
+    if not (Path(path) / "backbone" / "config.json").is_file():
+        raise ValueError(f"{spec}: {path} is not a checkpoint (no backbone/config.json)")
+    if adapter and not (Path(path) / "adapters" / adapter / "adapter_config.json").is_file():
+        have = sorted(d.name for d in (Path(path) / "adapters").glob("*") if d.is_dir())
+        raise ValueError(f"{spec}: checkpoint {path} has no adapter {adapter!r} (it has: {', '.join(have) or 'none'})")
+
+
 def embed(spec: str, texts: Sequence[str]) -> np.ndarray:
     """Unit-norm pooled embeddings for ``CKPT`` / ``CKPT:ADAPTER`` / ``minilm`` (the base)."""
     import torch
@@ -61,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--datasets", default="sst2,ag_news", help="TC sets whose first test texts are used")
     p.add_argument("--n", type=int, default=150, help="texts per dataset (default: 150)")
     args = p.parse_args(argv)
+    try:
+        for spec in (args.reference, *args.checkpoints):
+            check_spec(spec)
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     texts = [ex.text for name in args.datasets.split(",") for ex in load_dataset(name.strip()).test[:args.n]]
     ref = embed(args.reference, texts)
     for spec in args.checkpoints:
