@@ -190,6 +190,18 @@ def test_per_seed_training_subsets() -> None:
         Settings(train_subsets="sometimes")
 
 
+def test_ner_lora_layers_in_ner_keys_only_when_not_the_default() -> None:
+    # "2" was the only placement before the setting existed: those runs keep their keys
+    assert "ner_lora_layers" not in Settings().for_kind("ner")
+    assert Settings(ner_lora_layers="4").for_kind("ner")["ner_lora_layers"] == "4"
+    assert "ner_lora_layers" not in Settings(ner_lora_layers="4").for_kind("tc")
+    for ok in ("1", "all", "0,3,5"):
+        Settings(ner_lora_layers=ok)
+    for bad in ("0", "-1", "top", "", "1,x"):
+        with pytest.raises(compare.CompareError, match="ner_lora_layers"):
+            Settings(ner_lora_layers=bad)
+
+
 def test_min_steps_in_ner_keys_only_when_set() -> None:
     # 0 was the protocol before the setting existed: those runs keep their keys and resume.
     assert "min_steps" not in Settings(min_steps=0).for_kind("ner")
@@ -265,6 +277,12 @@ def test_compare_end_to_end_resumes_and_uses_tpl_adapters(
     budget = [r for r in fifth["runs"] if r["settings"].get("min_steps") == 10]
     assert len(budget) == 1 and "skipped" not in lines[-1]
     assert (budget[0]["config"]["epochs_run"], budget[0]["config"]["steps"]) == (3, 12)
+    # a fresh NER LoRA on the top layer only (the default 2 covers both of the tiny model's)
+    sixth = compare.compare({"base": str(tiny_bert)}, ["toy_ner"], out, seeds=[0],
+                            settings=replace(st, ner_lora_layers="1"), loader=_loader, echo=lines.append)
+    top = [r for r in sixth["runs"] if r["settings"].get("ner_lora_layers") == "1"]
+    assert [r["config"]["lora_layers"] for r in top] == [[1]] and "skipped" not in lines[-1]
+    assert runs[("base", "toy_ner", 0)]["config"]["lora_layers"] == [0, 1]
 
 
 def test_results_of_another_checkpoint_are_not_mixed(tiny_bert: Path, tpl_ckpt: Path, tmp_path: Path) -> None:

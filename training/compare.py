@@ -84,22 +84,31 @@ class Settings:
     # probe is then deterministic); "per-seed": seed s draws its own training subset (and
     # low-resource cut), so TC cells get a spread too. Test and dev subsets stay fixed.
     train_subsets: str = "fixed"
+    # NER: the layers a fresh task LoRA goes on (as mtpf-adapt --lora-layers) for checkpoints
+    # without pf_ner; a tpl checkpoint's tasks continue pf_ner on that adapter's own layers.
+    ner_lora_layers: str = "2"
 
     def __post_init__(self) -> None:
         if self.train_subsets not in ("fixed", "per-seed"):
             raise CompareError(f"train_subsets {self.train_subsets!r}; choose fixed or per-seed")
+        spec = self.ner_lora_layers
+        if not (spec == "all" or (spec.isdigit() and int(spec) >= 1)
+                or (spec.count(",") and all(p.strip().isdigit() for p in spec.split(",")))):
+            raise CompareError(f"ner_lora_layers {spec!r}: give k >= 1 (the last k layers), 'all', "
+                               "or layer indices such as '0,3,5'")
 
     def for_kind(self, kind: str) -> dict[str, Any]:
         """The settings a run of this kind depends on: TC runs ignore the NER-only ones."""
         d = asdict(self)
         if kind == "tc":
-            for k in ("epochs", "min_steps", "low_resource", "lr", "ner_batch_size", "ner_max_length", "cache_lower_layers"):
+            for k in ("epochs", "min_steps", "low_resource", "lr", "ner_batch_size", "ner_max_length",
+                      "cache_lower_layers", "ner_lora_layers"):
                 d.pop(k)
         else:
             d.pop("tc_max_length")
         # Fields added later are left out of the key at the value that was their old behaviour,
         # so results made before they existed still resume.
-        for k, old in (("train_subsets", "fixed"), ("min_steps", 0)):
+        for k, old in (("train_subsets", "fixed"), ("min_steps", 0), ("ner_lora_layers", "2")):
             if d.get(k) == old:
                 d.pop(k)
         return d
@@ -229,8 +238,8 @@ def run_one(
         pf = parent / "adapters" / PF_NER
         init = str(pf) if (pf / "adapter_config.json").is_file() else None
         metrics = adapt.train_ner(
-            child, ds, ds.name, init_adapter=init, epochs=settings.epochs, min_steps=settings.min_steps,
-            lr=settings.lr,
+            child, ds, ds.name, init_adapter=init, lora_layers=settings.ner_lora_layers,
+            epochs=settings.epochs, min_steps=settings.min_steps, lr=settings.lr,
             batch_size=settings.ner_batch_size,
             max_length=settings.ner_max_length, seed=seed, device=device, progress=progress,
             cache_lower_layers=settings.cache_lower_layers, feature_cache=feature_cache)
@@ -498,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subsets", choices=("fixed", "per-seed"), default="fixed",
                    help="fixed: every seed trains on the seed-0 subset; per-seed: each seed draws its own "
                         "training subset (a real spread for the deterministic TC probe)")
+    p.add_argument("--ner-lora-layers", default="2",
+                   help="NER: layers of a fresh task LoRA (last k, 'all' or indices '0,3,5') for checkpoints "
+                        "without pf_ner; tpl checkpoints continue pf_ner on its own layers")
     p.add_argument("--low-resource", action="store_true",
                    help="NER: 10%% of each training set (seed 0), before --max-train")
     p.add_argument("--no-cache-lower-layers", action="store_true",
@@ -519,7 +531,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(max_train=args.max_train, max_test=args.max_test, epochs=args.epochs,
                     min_steps=args.min_steps,
                     low_resource=args.low_resource, lr=args.lr, ner_batch_size=args.ner_batch_size,
-                    cache_lower_layers=not args.no_cache_lower_layers, train_subsets=args.train_subsets)
+                    cache_lower_layers=not args.no_cache_lower_layers, train_subsets=args.train_subsets,
+                    ner_lora_layers=args.ner_lora_layers.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
