@@ -8,6 +8,7 @@
 # priority, g10nb g10l g10m; docs/results.md, "Where g10's TC drop comes from"):
 #   g10, g30   session 5: the session-3 recipe at 10x (3,600 steps) and 30x (10,800 steps)
 #   g10nb      g10 with NER steps that leave the shared encoder alone (--ner-backbone-lr-scale 0)
+#   g10s03     g10 with NER steps that move the shared encoder at 0.3x its lr (--ner-backbone-lr-scale 0.3)
 #   g10l       g10 with the held-out label pairs, every source an equal share (--pair-mix uniform)
 #   g10m       g10 with the CPU-scale pair mix kept (--pair-mix weights = the 12,000-cap pool sizes)
 # Knobs for a dry run on a CPU box: DEV=cpu STEPS=6 XPP=<extra PYTHONPATH> OUT=<folder> RETURN_MB=<cap>.
@@ -47,6 +48,7 @@ for n in ${RUNS:-g10nb g10l g10m}; do
     g10) run g10 --steps ${STEPS:-3600} & ;;
     g30) run g30 --steps ${STEPS:-10800} & ;;
     g10nb) run g10nb --steps ${STEPS:-3600} --ner-backbone-lr-scale 0 & ;;
+    g10s03) run g10s03 --steps ${STEPS:-3600} --ner-backbone-lr-scale 0.3 & ;;
     g10m) run g10m --steps ${STEPS:-3600} --pair-mix $CPU_MIX & ;;
     g10l) run g10l --steps ${STEPS:-3600} --label-pair-sources held-out --pair-mix uniform & ;;
     *) echo "unknown run $n"; continue ;;
