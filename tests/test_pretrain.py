@@ -576,8 +576,9 @@ def test_drift_cli_on_a_tiny_checkpoint(tiny_bert: Path, toy_root: Path, tmp_pat
     assert rows[1]["cos_mean"] == pytest.approx(1.0, abs=1e-5)  # against itself
     assert rows[0]["texts"] == 6 and rows[0]["cos_mean"] < 1.0  # the TC adapter moves the embedding
     # a typo anywhere is refused before any checkpoint is embedded, naming what is missing
-    for spec, msg in ((f"{out}:pf_tcc", "no adapter 'pf_tcc' (it has: pf_ner, pf_tc)"),
-                      (str(tmp_path / "nope"), "is not a checkpoint")):
+    for spec, msgs in ((f"{out}:pf_tcc", ("adapter 'pf_tcc' not found", "['pf_ner', 'pf_tc']")),
+                       (str(tmp_path / "nope"), ("is not an mtpf checkpoint",))):
         with pytest.raises(SystemExit) as exit_info:
             drift_mod.main([str(out), spec, "--reference", f"{out}"])
-        assert exit_info.value.code == 2 and msg in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and all(m in err for m in msgs)

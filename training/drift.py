@@ -24,15 +24,15 @@ import numpy as np
 
 
 def check_spec(spec: str) -> None:
-    """Refuse a ``CKPT[:ADAPTER]`` that names no checkpoint backbone or adapter, before any work."""
+    """Refuse a ``CKPT[:ADAPTER]`` that names no checkpoint or adapter, before any work."""
+    from mtpf_training import checkpoint as ck
+
     path, _, adapter = spec.partition(":")
     if path == "minilm" and not adapter:
         return
-    if not (Path(path) / "backbone" / "config.json").is_file():
-        raise ValueError(f"{spec}: {path} is not a checkpoint (no backbone/config.json)")
-    if adapter and not (Path(path) / "adapters" / adapter / "adapter_config.json").is_file():
-        have = sorted(d.name for d in (Path(path) / "adapters").glob("*") if d.is_dir())
-        raise ValueError(f"{spec}: checkpoint {path} has no adapter {adapter!r} (it has: {', '.join(have) or 'none'})")
+    ck.read_config(path)
+    if adapter:
+        ck.resolve_adapter_dir(path, adapter)
 
 
 def embed(spec: str, texts: Sequence[str]) -> np.ndarray:
@@ -48,7 +48,7 @@ def embed(spec: str, texts: Sequence[str]) -> np.ndarray:
     folder = ck.resolve_base_model(path) if path == "minilm" else Path(path) / "backbone"
     model = AutoModel.from_pretrained(folder)
     if adapter:
-        model = PeftModel.from_pretrained(model, Path(path) / "adapters" / adapter)
+        model = PeftModel.from_pretrained(model, ck.resolve_adapter_dir(path, adapter))
     with torch.inference_mode():
         e = pooled_embeddings(model, AutoTokenizer.from_pretrained(folder), list(texts))
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
