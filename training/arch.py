@@ -66,17 +66,33 @@ def arch_for(model_type: str) -> Arch:
         ) from None
 
 
-def resolve_layers(spec: int | str | list[int], num_layers: int) -> tuple[int, ...]:
-    """``k`` (last k layers), ``"all"``, or an explicit list of layer indices."""
+def parse_layers(spec: int | str | list[int]) -> int | str | tuple[int, ...]:
+    """The form of a layer spec, checked without a model: ``k`` >= 1, ``"all"``, or indices."""
+    bad = ValueError(f"LoRA layers {spec!r}: give k >= 1 (the last k layers), 'all', "
+                     "or layer indices such as '0,3,5'")
     if isinstance(spec, str):
         if spec == "all":
-            return tuple(range(num_layers))
-        if spec.isdigit():
-            spec = int(spec)
-        else:
-            return resolve_layers([int(s) for s in spec.split(",")], num_layers)
+            return spec
+        if not spec.isdigit():
+            parts = [p.strip() for p in spec.split(",")]
+            if not all(p.isdigit() for p in parts):
+                raise bad
+            return tuple(int(p) for p in parts)
+        spec = int(spec)
     if isinstance(spec, int):
-        if not 1 <= spec <= num_layers:
+        if spec < 1:
+            raise bad
+        return spec
+    return tuple(spec)
+
+
+def resolve_layers(spec: int | str | list[int], num_layers: int) -> tuple[int, ...]:
+    """``k`` (last k layers), ``"all"``, or an explicit list of layer indices."""
+    spec = parse_layers(spec)
+    if spec == "all":
+        return tuple(range(num_layers))
+    if isinstance(spec, int):
+        if spec > num_layers:
             raise ValueError(f"LoRA layer count must be in 1..{num_layers}, got {spec}")
         return tuple(range(num_layers - spec, num_layers))
     layers = tuple(sorted(set(spec)))

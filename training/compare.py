@@ -34,6 +34,7 @@ import numpy as np
 
 from mtpf_training import NER_MIN_STEPS
 from mtpf_training import checkpoint as ck
+from mtpf_training.arch import parse_layers
 from mtpf_training.data import Dataset
 
 SCHEMA = "mtpf-compare/1"
@@ -91,11 +92,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.train_subsets not in ("fixed", "per-seed"):
             raise CompareError(f"train_subsets {self.train_subsets!r}; choose fixed or per-seed")
-        spec = self.ner_lora_layers
-        if not (spec == "all" or (spec.isdigit() and int(spec) >= 1)
-                or (spec.count(",") and all(p.strip().isdigit() for p in spec.split(",")))):
-            raise CompareError(f"ner_lora_layers {spec!r}: give k >= 1 (the last k layers), 'all', "
-                               "or layer indices such as '0,3,5'")
+        try:
+            parse_layers(self.ner_lora_layers)
+        except ValueError as e:
+            raise CompareError(f"ner_lora_layers: {e}") from None
 
     def for_kind(self, kind: str) -> dict[str, Any]:
         """The settings a run of this kind depends on: TC runs ignore the NER-only ones."""
