@@ -27,7 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 from mtpf_training import checkpoint as ck  # noqa: E402
 from mtpf_training import pretrain as pt  # noqa: E402
 from mtpf_training.data import Dataset, NerExample, TcExample  # noqa: E402
-from mtpf_training.losses import cluster_ce, info_nce, mean_pool  # noqa: E402
+from mtpf_training.losses import cluster_ce, embedding_drift, info_nce, mean_pool  # noqa: E402
 from mtpf_training.teachers import HFTeacher, cluster_words  # noqa: E402
 
 
@@ -371,6 +371,88 @@ def test_ner_backbone_lr_scale_zero_keeps_the_backbone_out_of_ner_steps(tiny_ber
         dataclasses.replace(cfg, ner_backbone_lr_scale=1.5)
 
 
+def test_embedding_drift_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    assert embedding_drift(a, torch.tensor([[3.0, 0.0], [0.0, 1.0]])).item() == 0.0  # scale is not drift
+    assert embedding_drift(a, torch.tensor([[0.0, 1.0], [0.0, -1.0]])).item() == pytest.approx((1 + 2) / 2)
+    target = torch.tensor([[1.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    embedding_drift(a, target).backward()
+    assert a.grad is not None and target.grad is None  # the target is fixed
+    with pytest.raises(ValueError, match="must both be"):
+        embedding_drift(a, torch.zeros(3, 2))
+
+
+def test_ner_anchor_weight_is_checked(tiny_bert: Path, toy_root: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root)
+    with pytest.raises(ValueError, match=">= 0"):
+        dataclasses.replace(cfg, ner_anchor_weight=-1.0)
+    with pytest.raises(ValueError, match="has none"):
+        dataclasses.replace(cfg, mode="tc", ner_anchor_weight=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(cfg, ner_anchor_weight=1.0, ner_backbone_lr_scale=0.0)
+
+
+def tc_view_drift(student: pt.Student, anchor: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    student.eval()
+    with torch.no_grad():
+        mask = batch["attention_mask"]
+        now = mean_pool(student(batch["input_ids"], mask, task="tc"), mask)
+        base = mean_pool(anchor(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state, mask)
+    return float(embedding_drift(now, base))
+
+
+@pytest.mark.parametrize("mode", ["tpl", "naive"])
+def test_ner_anchor_holds_the_tc_view_to_the_base(mode: str, tiny_bert: Path, toy_root: Path):
+    """The same NER steps move the TC view's sentence embeddings far less with the anchor on."""
+    drifts = {}
+    for weight in (0.0, 50.0):
+        cfg = tiny_cfg(tiny_bert, toy_root, mode=mode, lr_backbone=3e-3, ner_anchor_weight=weight, grad_clip=0.0)
+        student, tok, _ = pt.build_student(tiny_bert, cfg)
+        opts = pt.build_optimizers(student, cfg)
+        for o in opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["initial_lr"]
+        anchor = pt.load_anchor(tiny_bert, "cpu")
+        rng = np.random.default_rng(0)
+        ids = [tok(" ".join(rng.choice(WORDS, 8)))["input_ids"] for _ in range(8)]
+        data = [(i, [-100] + rng.integers(0, 8, len(i) - 2).tolist() + [-100]) for i in ids]
+        batch = pt.make_batch("ner", data, list(range(8)), tok, tok.pad_token_id, 32)
+        assert tc_view_drift(student, anchor, batch) < 1e-6  # pf_tc starts as the identity
+        torch.manual_seed(0)
+        for _ in range(8):
+            _, _, extra = pt.train_step(student, opts, cfg, "ner", batch, "cpu", anchor if weight else None)
+            assert ("anchor" in extra) == bool(weight)
+        drifts[weight] = tc_view_drift(student, anchor, batch)
+    assert drifts[0.0] > 0.01  # the NER steps do move it
+    assert drifts[50.0] < drifts[0.0] / 3, drifts
+
+
+def test_anchored_run_logs_its_drift_and_resumes_bit_identical(tiny_bert: Path, toy_root: Path, tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=6, checkpoint_every=2, ner_anchor_weight=2.0)
+    whole = pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
+    ner_rows = [h for h in whole["history"] if h["task"] == "ner"]
+    assert ner_rows and all(h["anchor"] >= 0 for h in ner_rows)
+    assert not any("anchor" in h for h in whole["history"] if h["task"] == "tc")
+    assert set(whole["summary"]["ner"]) >= {"anchor_first", "anchor_last"}
+    assert ck.read_config(tmp_path / "whole")["pretrain"]["config"]["ner_anchor_weight"] == 2.0
+    pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, stop_after=3, progress=False)
+    pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, resume=True, progress=False)
+    assert_same(tensors(tmp_path / "whole"), tensors(tmp_path / "parts"))
+    plain = pt.pretrain(tmp_path / "plain", tiny_bert, "tpl", dataclasses.replace(cfg, ner_anchor_weight=0.0),
+                        progress=False)
+    assert not any("anchor" in h for h in plain["history"])
+    w, p = tensors(tmp_path / "whole"), tensors(tmp_path / "plain")
+    assert any(not torch.equal(w[k], p[k]) for k in w if k.startswith("backbone/"))
+
+
+def test_state_saved_before_a_field_existed_still_resumes():
+    now = {"config": {f.name: f.default for f in dataclasses.fields(pt.PretrainConfig)}}
+    old = {"config": {k: v for k, v in now["config"].items() if k != "ner_anchor_weight"}}
+    assert pt._comparable(old) == pt._comparable(now)
+    changed = {"config": {**old["config"], "lr_backbone": 1.0}}
+    assert pt._comparable(changed) != pt._comparable(now)
+
+
 # =========================================================================== every mode end to end
 
 def toy_ner() -> Dataset:
@@ -537,13 +619,15 @@ def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: P
            "--n-clusters", "8", "--pair-sources", "wordnet_gloss", "--raw-pair-sources", "dropout:brown",
            "--label-pair-sources", "sms_spam",
            "--steps", "4", "--ner-batch-size", "2", "--tc-batch-size", "2", "--checkpoint-every", "2",
-           "--lora-rank", "4", "--lora-alpha", "8", "--data-root", str(toy_root), "--no-progress"]
+           "--lora-rank", "4", "--lora-alpha", "8", "--data-root", str(toy_root), "--no-progress",
+           "--ner-anchor-weight", "1"]  # the anchor's second encoder pass inside one DDP forward
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = ck.read_config(out)
     assert cfg["pretrain"]["world_size"] == 2
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["pf_ner", "pf_tc"]
+    assert "anchor_last" in json.loads((out / "metrics.json").read_text())["pretrain"]["summary"]["ner"]
 
 
 def test_drift_measures_cosine_and_neighbourhood_change():

@@ -4,6 +4,8 @@
   pooling the TC probe and the runtime use downstream).
 * :func:`info_nce`: contrastive TC objective with in-batch negatives (same-class rows masked).
 * :func:`cluster_ce`: NER distillation objective, cross-entropy against teacher cluster ids.
+* :func:`embedding_drift`: 1 - cosine between sentence embeddings and fixed targets (the NER
+  steps' anchor on the TC view).
 """
 
 from __future__ import annotations
@@ -68,3 +70,14 @@ def cluster_ce(logits: torch.Tensor, cluster_ids: torch.Tensor, ignore_index: in
     if not bool((flat_ids != ignore_index).any()):
         return flat_logits.sum() * 0.0  # keeps the graph (DDP, backward) without NaN
     return F.cross_entropy(flat_logits, flat_ids, ignore_index=ignore_index)
+
+
+def embedding_drift(pooled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of 1 - cosine(``pooled``, ``target``), both (B, H); 0 when they point alike.
+
+    Cosine, not distance, because the TC objective and probe see directions: a rescaled
+    embedding has not drifted. Gradients reach ``pooled`` only.
+    """
+    if pooled.shape != target.shape or pooled.dim() != 2:
+        raise ValueError(f"pooled {tuple(pooled.shape)} and target {tuple(target.shape)} must both be (B, H)")
+    return (1.0 - F.cosine_similarity(pooled.float(), target.detach().float(), dim=-1)).mean()

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from mtpf_training import arch as archmod
 from mtpf_training import checkpoint as ck
-from mtpf_training.losses import cluster_ce, info_nce, mean_pool
+from mtpf_training.losses import cluster_ce, embedding_drift, info_nce, mean_pool
 
 log = logging.getLogger("mtpf.pretrain")
 
@@ -115,6 +115,9 @@ class PretrainConfig:
     lr_backbone: float = _f(2e-5, "AdamW lr of the shared encoder (full fine-tuning scale)")
     ner_backbone_lr_scale: float = _f(1.0, "the shared encoder's lr on NER steps, as a fraction of "
                                       "lr_backbone (0: NER trains only its LoRA and head)")
+    ner_anchor_weight: float = _f(0.0, "weight of a penalty on NER steps: 1 - cosine between each sentence's "
+                                  "pooled embedding in the TC view (pf_tc in tpl) and the base encoder's, "
+                                  "so NER updates leave the sentence embeddings alone (0 = off)")
     lr_lora: float = _f(5e-4, "AdamW lr of the task LoRAs (LoRA tolerates ~10-50x the full lr)")
     lr_head: float = _f(1e-3, "AdamW lr of the NER cluster head (fresh, so fast)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -161,6 +164,14 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.ner_backbone_lr_scale <= 1:
             raise ValueError(f"ner_backbone_lr_scale is a fraction in [0, 1], got {self.ner_backbone_lr_scale}")
+        if self.ner_anchor_weight < 0:
+            raise ValueError(f"ner_anchor_weight must be >= 0, got {self.ner_anchor_weight}")
+        if self.ner_anchor_weight > 0 and "ner" not in self.tasks:
+            raise ValueError(f"ner_anchor_weight acts on NER steps; mode {self.mode!r} has none "
+                             "(use ner, naive or tpl)")
+        if self.ner_anchor_weight > 0 and self.ner_backbone_lr_scale == 0:
+            raise ValueError("ner_anchor_weight acts through the shared encoder on NER steps, which "
+                             "ner_backbone_lr_scale 0 freezes: set one of them, not both")
         if self.temperature <= 0 or self.ner_weight < 0 or self.tc_weight < 0:
             raise ValueError("temperature must be > 0 and loss weights >= 0")
         if not 0 <= self.warmup < 1:
@@ -477,13 +488,22 @@ class Student(nn.Module):
         for p in self.encoder.parameters():
             p.requires_grad_(True)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str,
+                with_tc_view: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """NER: cluster logits (B, T, n_clusters), and with ``with_tc_view`` also the same batch's
+        hidden states in the TC view (B, T, H), in the one call DDP allows per step. TC: hidden states."""
         self.activate(task)
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        if task == "ner":
-            assert self.ner_head is not None
-            return self.ner_head(hidden)  # (B, T, n_clusters)
-        return hidden
+        if task != "ner":
+            return hidden
+        assert self.ner_head is not None
+        logits = self.ner_head(hidden)  # (B, T, n_clusters)
+        if not with_tc_view:
+            return logits
+        if not self.lora:  # one encoder serves both tasks
+            return logits, hidden
+        self.activate("tc")
+        return logits, self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def build_student(base_dir: Path, cfg: PretrainConfig) -> tuple[Student, Any, dict[str, Any]]:
@@ -511,6 +531,19 @@ def build_student(base_dir: Path, cfg: PretrainConfig) -> tuple[Student, Any, di
                      "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha}
     head = nn.Linear(encoder.config.hidden_size, cfg.n_clusters) if "ner" in cfg.tasks else None
     return Student(encoder, head, cfg.mode == "tpl"), tokenizer, placement
+
+
+def load_anchor(base_dir: Path, device: str) -> nn.Module:
+    """The base encoder, frozen in eval mode: the targets of ``ner_anchor_weight``.
+
+    Loaded again from ``base_dir`` rather than copied from the student, so a resumed run gets
+    the same targets as the run it continues.
+    """
+    from transformers import AutoModel
+
+    anchor = AutoModel.from_pretrained(base_dir).to(device).eval()
+    anchor.requires_grad_(False)
+    return anchor
 
 
 def build_optimizers(student: Student, cfg: PretrainConfig) -> dict[str, torch.optim.Optimizer]:
@@ -579,7 +612,10 @@ def _barrier(world: int) -> None:
 # =========================================================================== resume state
 
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in resolved["config"].items() if k not in _RESUMABLE_CHANGES}
+    """A run's config without the fields a resumption may change; a field that a state saved
+    before it existed lacks counts as its default (so old interrupted runs still resume)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(PretrainConfig)}
+    return {k: v for k, v in {**defaults, **resolved["config"]}.items() if k not in _RESUMABLE_CHANGES}
 
 
 # =========================================================================== output
@@ -632,6 +668,9 @@ def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, A
                   "loss_last": float(np.mean([h["loss"] for h in rows[-k:]])),
                   "tokens": int(sum(h["tokens"] for h in rows)),
                   "tokens_per_s": float(sum(h["tokens"] for h in rows) / secs) if secs else None}
+        if "anchor" in rows[0]:  # the TC view's drift from base, measured on NER batches
+            out[t] |= {"anchor_first": float(np.mean([h["anchor"] for h in rows[:k]])),
+                       "anchor_last": float(np.mean([h["anchor"] for h in rows[-k:]]))}
     tok, secs = sum(h["tokens"] for h in history), sum(h["seconds"] for h in history)
     out["all"] = {"steps": len(history), "tokens": int(tok), "seconds": secs,
                   "tokens_per_s": tok / secs if secs else None}
@@ -655,17 +694,27 @@ def make_batch(task: str, data: Any, idx: Sequence[int], tokenizer: Any, pad_id:
 
 
 def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: PretrainConfig, task: str,
-               batch: dict[str, torch.Tensor], device: str) -> tuple[torch.Tensor, int]:
+               batch: dict[str, torch.Tensor], device: str,
+               anchor: nn.Module | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
     """Forward, weighted loss, backward, clip, and step the backbone's and ``task``'s optimizers.
 
     The other task's optimizer is not stepped: its parameters (LoRA, head) stay bit-identical.
-    Returns the unweighted loss and the number of real (non-pad) tokens.
+    ``anchor`` (the frozen base encoder) adds ``cfg.ner_anchor_weight`` x the TC view's
+    :func:`embedding_drift` from it to NER steps.
+    Returns the unweighted task loss, the number of real (non-pad) tokens, and extra terms by name.
     """
     model.train()
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
+    extra: dict[str, torch.Tensor] = {}
     with _amp(device):
-        if task == "ner":
+        if task == "ner" and anchor is not None:
+            logits, tc_hidden = model(ids, mask, task="ner", with_tc_view=True)
+            loss = cluster_ce(logits, batch["labels"].to(device))
+            with torch.no_grad():
+                target = mean_pool(anchor(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
+            extra["anchor"] = embedding_drift(mean_pool(tc_hidden.float(), mask), target)
+        elif task == "ner":
             loss = cluster_ce(model(ids, mask, task="ner"), batch["labels"].to(device))
         else:
             hidden = model(ids, mask, task="tc")  # (2B, T, H)
@@ -674,6 +723,8 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
             loss = info_nce(pooled[:half], pooled[half:], cfg.temperature, cfg.symmetric,
                             groups=batch["groups"].to(device))
     weighted = loss * (cfg.ner_weight if task == "ner" else cfg.tc_weight)
+    if "anchor" in extra:
+        weighted = weighted + cfg.ner_anchor_weight * extra["anchor"]
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     weighted.backward()
@@ -684,7 +735,7 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     for o in stepping:
         o.step()
-    return loss.detach(), int(mask.sum().item())
+    return loss.detach(), int(mask.sum().item()), {k: float(v.item()) for k, v in extra.items()}
 
 
 # =========================================================================== the run
@@ -759,6 +810,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     # ------------------------------------------------------------------ model, optimizers, resume
     student.to(device)
     opts = build_optimizers(student, cfg)
+    anchor = load_anchor(base_dir, device) if cfg.ner_anchor_weight > 0 else None
     start, history = 0, []
     if resume and state_path.is_file():
         state = ck.load_state(state_path)
@@ -821,11 +873,11 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         else:
             idx = [offsets[name] + i for i in streams[name].next()]
         batch = make_batch(task, data[task], idx, tokenizer, pad_id, max_length)
-        loss, tokens = train_step(model, opts, cfg, task, batch, device)
+        loss, tokens, extra = train_step(model, opts, cfg, task, batch, device, anchor)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         history.append({"step": step + 1, "task": task, "loss": float(loss.item()),
-                        "tokens": tokens * world, "seconds": time.perf_counter() - t0})
+                        "tokens": tokens * world, "seconds": time.perf_counter() - t0, **extra})
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             recent = history[-cfg.log_every:]
             tps = sum(h["tokens"] for h in recent) / max(1e-9, sum(h["seconds"] for h in recent))
