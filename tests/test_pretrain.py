@@ -421,7 +421,7 @@ def test_ner_anchor_holds_the_tc_view_to_the_base(mode: str, tiny_bert: Path, to
         torch.manual_seed(0)
         for _ in range(8):
             _, _, extra = pt.train_step(student, opts, cfg, "ner", batch, "cpu", anchor if weight else None)
-            assert ("anchor" in extra) == bool(weight)
+            assert ("tc_drift" in extra) == bool(weight)
         drifts[weight] = tc_view_drift(student, anchor, batch)
     assert drifts[0.0] > 0.01  # the NER steps do move it
     assert drifts[50.0] < drifts[0.0] / 3, drifts
@@ -431,16 +431,16 @@ def test_anchored_run_logs_its_drift_and_resumes_bit_identical(tiny_bert: Path, 
     cfg = tiny_cfg(tiny_bert, toy_root, steps=6, checkpoint_every=2, ner_anchor_weight=2.0)
     whole = pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
     ner_rows = [h for h in whole["history"] if h["task"] == "ner"]
-    assert ner_rows and all(h["anchor"] >= 0 for h in ner_rows)
-    assert not any("anchor" in h for h in whole["history"] if h["task"] == "tc")
-    assert set(whole["summary"]["ner"]) >= {"anchor_first", "anchor_last"}
+    assert ner_rows and all(h["tc_drift"] >= 0 for h in ner_rows)
+    assert not any("tc_drift" in h for h in whole["history"] if h["task"] == "tc")
+    assert set(whole["summary"]["ner"]) >= {"tc_drift_first", "tc_drift_last"}
     assert ck.read_config(tmp_path / "whole")["pretrain"]["config"]["ner_anchor_weight"] == 2.0
     pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, stop_after=3, progress=False)
     pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, resume=True, progress=False)
     assert_same(tensors(tmp_path / "whole"), tensors(tmp_path / "parts"))
     plain = pt.pretrain(tmp_path / "plain", tiny_bert, "tpl", dataclasses.replace(cfg, ner_anchor_weight=0.0),
                         progress=False)
-    assert not any("anchor" in h for h in plain["history"])
+    assert not any("tc_drift" in h for h in plain["history"])
     w, p = tensors(tmp_path / "whole"), tensors(tmp_path / "plain")
     assert any(not torch.equal(w[k], p[k]) for k in w if k.startswith("backbone/"))
 
@@ -627,7 +627,7 @@ def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: P
     cfg = ck.read_config(out)
     assert cfg["pretrain"]["world_size"] == 2
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["pf_ner", "pf_tc"]
-    assert "anchor_last" in json.loads((out / "metrics.json").read_text())["pretrain"]["summary"]["ner"]
+    assert "tc_drift_last" in json.loads((out / "metrics.json").read_text())["pretrain"]["summary"]["ner"]
 
 
 def test_drift_measures_cosine_and_neighbourhood_change():

@@ -668,9 +668,9 @@ def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, A
                   "loss_last": float(np.mean([h["loss"] for h in rows[-k:]])),
                   "tokens": int(sum(h["tokens"] for h in rows)),
                   "tokens_per_s": float(sum(h["tokens"] for h in rows) / secs) if secs else None}
-        if "anchor" in rows[0]:  # the TC view's drift from base, measured on NER batches
-            out[t] |= {"anchor_first": float(np.mean([h["anchor"] for h in rows[:k]])),
-                       "anchor_last": float(np.mean([h["anchor"] for h in rows[-k:]]))}
+        if "tc_drift" in rows[0]:  # the TC view's drift from base, measured on NER batches
+            out[t] |= {"tc_drift_first": float(np.mean([h["tc_drift"] for h in rows[:k]])),
+                       "tc_drift_last": float(np.mean([h["tc_drift"] for h in rows[-k:]]))}
     tok, secs = sum(h["tokens"] for h in history), sum(h["seconds"] for h in history)
     out["all"] = {"steps": len(history), "tokens": int(tok), "seconds": secs,
                   "tokens_per_s": tok / secs if secs else None}
@@ -713,7 +713,7 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
             loss = cluster_ce(logits, batch["labels"].to(device))
             with torch.no_grad():
                 target = mean_pool(anchor(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
-            extra["anchor"] = embedding_drift(mean_pool(tc_hidden.float(), mask), target)
+            extra["tc_drift"] = embedding_drift(mean_pool(tc_hidden.float(), mask), target)
         elif task == "ner":
             loss = cluster_ce(model(ids, mask, task="ner"), batch["labels"].to(device))
         else:
@@ -723,8 +723,8 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
             loss = info_nce(pooled[:half], pooled[half:], cfg.temperature, cfg.symmetric,
                             groups=batch["groups"].to(device))
     weighted = loss * (cfg.ner_weight if task == "ner" else cfg.tc_weight)
-    if "anchor" in extra:
-        weighted = weighted + cfg.ner_anchor_weight * extra["anchor"]
+    if "tc_drift" in extra:
+        weighted = weighted + cfg.ner_anchor_weight * extra["tc_drift"]
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     weighted.backward()
@@ -881,11 +881,14 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             recent = history[-cfg.log_every:]
             tps = sum(h["tokens"] for h in recent) / max(1e-9, sum(h["seconds"] for h in recent))
-            last = {t: next((h["loss"] for h in reversed(history) if h["task"] == t), None) for t in cfg.tasks}
-            bar.set_postfix({f"{t}_loss": f"{v:.3f}" for t, v in last.items() if v is not None} | {"tok/s": f"{tps:.0f}"})
+            last = {f"{t}_loss": next((h["loss"] for h in reversed(history) if h["task"] == t), None)
+                    for t in cfg.tasks}
+            if anchor is not None:  # the TC view's drift from base on the last NER batch
+                last["tc_drift"] = next((h["tc_drift"] for h in reversed(history) if "tc_drift" in h), None)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items() if v is not None} | {"tok/s": f"{tps:.0f}"})
             if rank == 0:
                 log.info("step %d/%d %s tokens/s %.0f", step + 1, cfg.steps,
-                         " ".join(f"{t}_loss {v:.4f}" for t, v in last.items() if v is not None), tps)
+                         " ".join(f"{k} {v:.4f}" for k, v in last.items() if v is not None), tps)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             save_state(step + 1)
     bar.close()
