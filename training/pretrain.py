@@ -116,8 +116,8 @@ class PretrainConfig:
     ner_backbone_lr_scale: float = _f(1.0, "the shared encoder's lr on NER steps, as a fraction of "
                                       "lr_backbone (0: NER trains only its LoRA and head)")
     ner_anchor_weight: float = _f(0.0, "weight of a penalty on NER steps: 1 - cosine between each sentence's "
-                                  "pooled embedding in the TC view (pf_tc in tpl) and the base encoder's, "
-                                  "so NER updates leave the sentence embeddings alone (0 = off)")
+                                  "pooled embedding in the TC view (pf_tc in tpl; dropout off) and the base "
+                                  "encoder's, so NER updates leave the sentence embeddings alone (0 = off)")
     lr_lora: float = _f(5e-4, "AdamW lr of the task LoRAs (LoRA tolerates ~10-50x the full lr)")
     lr_head: float = _f(1e-3, "AdamW lr of the NER cluster head (fresh, so fast)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -500,10 +500,15 @@ class Student(nn.Module):
         logits = self.ner_head(hidden)  # (B, T, n_clusters)
         if not with_tc_view:
             return logits
-        if not self.lora:  # one encoder serves both tasks
-            return logits, hidden
+        # The TC view runs without dropout, like the base it is compared with: the penalty is
+        # then the drift alone (0 with no gradient at the start), not dropout noise as well.
         self.activate("tc")
-        return logits, self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        self.encoder.eval()
+        try:
+            tc_hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        finally:
+            self.encoder.train(self.training)
+        return logits, tc_hidden
 
 
 def build_student(base_dir: Path, cfg: PretrainConfig) -> tuple[Student, Any, dict[str, Any]]:
