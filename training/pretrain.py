@@ -713,14 +713,14 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
     mask = batch["attention_mask"].to(device)
     extra: dict[str, torch.Tensor] = {}
     with _amp(device):
-        if task == "ner" and anchor is not None:
-            logits, tc_hidden = model(ids, mask, task="ner", with_tc_view=True)
+        if task == "ner":
+            out = model(ids, mask, task="ner", with_tc_view=anchor is not None)
+            logits, tc_hidden = out if anchor is not None else (out, None)
             loss = cluster_ce(logits, batch["labels"].to(device))
-            with torch.no_grad():
-                target = mean_pool(anchor(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
-            extra["tc_drift"] = embedding_drift(mean_pool(tc_hidden.float(), mask), target)
-        elif task == "ner":
-            loss = cluster_ce(model(ids, mask, task="ner"), batch["labels"].to(device))
+            if tc_hidden is not None:
+                with torch.no_grad():
+                    target = mean_pool(anchor(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
+                extra["tc_drift"] = embedding_drift(mean_pool(tc_hidden.float(), mask), target)
         else:
             hidden = model(ids, mask, task="tc")  # (2B, T, H)
             pooled = mean_pool(hidden.float(), mask)  # (2B, H)
