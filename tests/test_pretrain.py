@@ -446,6 +446,129 @@ def test_anchored_run_logs_its_drift_and_resumes_bit_identical(tiny_bert: Path, 
     assert any(not torch.equal(w[k], p[k]) for k in w if k.startswith("backbone/"))
 
 
+# --------------------------------------------------------------------------- the NER projection
+
+def linear_f(a: torch.Tensor):
+    """f(theta) = A [theta.x; theta.y] as (rows, 1): a map whose Jacobian is A everywhere."""
+    def f(theta):
+        return (a @ torch.cat([theta["x"].reshape(-1), theta["y"].reshape(-1)])).reshape(-1, 1)
+    return f
+
+
+def test_projection_of_a_linear_map_matches_the_closed_form():
+    from mtpf_training.projection import project_update
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 7, generator=gen, dtype=torch.float64).float()  # J: 3 constraints on 7 weights
+    theta = {"x": torch.randn(2, 2, generator=gen), "y": torch.randn(3, generator=gen)}
+    delta = {"x": torch.randn(2, 2, generator=gen), "y": torch.randn(3, generator=gen)}
+    d = torch.cat([delta["x"].reshape(-1), delta["y"]]).double()
+    j = a.double()
+    want = d - j.T @ torch.linalg.solve(j @ j.T, j @ d)  # the nearest update with J delta' = 0
+    got, stats = project_update(linear_f(a), theta, delta, iterations=3)  # CG is exact in rank(J) steps
+    flat = torch.cat([got["x"].reshape(-1), got["y"]]).double()
+    assert torch.allclose(flat, want, atol=1e-4), (flat, want)
+    assert stats["drift_before"] == pytest.approx(float((j @ d).norm()), rel=1e-4)
+    assert stats["drift_after"] < 1e-4 * stats["drift_before"]
+    assert float((j @ flat).norm()) < 1e-4 * stats["drift_before"]
+    one, one_stats = project_update(linear_f(a), theta, delta, iterations=1)  # off J^T J delta, orthogonally
+    g = j.T @ (j @ d)
+    flat1 = torch.cat([one["x"].reshape(-1), one["y"]]).double()
+    assert torch.allclose(flat1, d - (d @ g) / (g @ g) * g, atol=1e-4)
+    assert 1e-4 * one_stats["drift_before"] < one_stats["drift_after"] < one_stats["drift_before"]
+    seen = {}
+    project_update(linear_f(a), theta, delta, iterations=3, reduce=lambda c: seen.update(c))
+    assert set(seen) == {"x", "y"}  # the correction reaches the reducer before it is applied
+    with pytest.raises(ValueError, match="iterations"):
+        project_update(linear_f(a), theta, delta, iterations=0)
+    with pytest.raises(ValueError, match="name different"):
+        project_update(linear_f(a), theta, {"x": delta["x"]}, iterations=1)
+    zero = {k: torch.zeros_like(v) for k, v in delta.items()}
+    same, z = project_update(linear_f(a), theta, zero, iterations=2)
+    assert all(torch.equal(same[k], zero[k]) for k in zero) and z["drift_before"] == 0.0
+
+
+def test_finite_difference_jvp_matches_autograd_on_a_nonlinear_map():
+    from mtpf_training.projection import jvp_fd
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 5, generator=gen)
+    theta = {"w": w, "b": torch.randn(4, generator=gen)}
+    v = {"w": torch.randn(4, 5, generator=gen), "b": torch.randn(4, generator=gen)}
+    x = torch.randn(6, 5, generator=gen)
+
+    def f(t):
+        return torch.tanh(x @ t["w"].T + t["b"])  # (6, 4)
+
+    _, exact = torch.autograd.functional.jvp(lambda ww, bb: f({"w": ww, "b": bb}), (theta["w"], theta["b"]),
+                                              (v["w"], v["b"]))
+    got = jvp_fd(f, theta, v, step=1e-3)
+    assert torch.allclose(got, exact, rtol=1e-3, atol=1e-4)
+
+
+def test_ner_projection_iterations_is_checked(tiny_bert: Path, toy_root: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root)
+    with pytest.raises(ValueError, match=">= 0"):
+        dataclasses.replace(cfg, ner_projection_iterations=-1)
+    with pytest.raises(ValueError, match="has none"):
+        dataclasses.replace(cfg, mode="tc", ner_projection_iterations=2)
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(cfg, ner_projection_iterations=2, ner_backbone_lr_scale=0.0)
+    with pytest.raises(ValueError, match="not both"):
+        dataclasses.replace(cfg, ner_projection_iterations=2, ner_anchor_weight=1.0)
+
+
+@pytest.mark.parametrize("mode", ["tpl", "naive"])
+def test_ner_projection_keeps_the_tc_view_where_it_was(mode: str, tiny_bert: Path, toy_root: Path):
+    """The same NER steps move the TC view's sentence embeddings far less when projected, and
+    still train the encoder and lower the NER loss."""
+    drifts, losses, moved = {}, {}, {}
+    for k in (0, 8):
+        cfg = tiny_cfg(tiny_bert, toy_root, mode=mode, lr_backbone=3e-4, ner_projection_iterations=k, grad_clip=0.0)
+        student, tok, _ = pt.build_student(tiny_bert, cfg)
+        opts = pt.build_optimizers(student, cfg)
+        for o in opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["initial_lr"]
+        anchor = pt.load_anchor(tiny_bert, "cpu")  # only to measure the drift
+        rng = np.random.default_rng(0)
+        ids = [tok(" ".join(rng.choice(WORDS, 8)))["input_ids"] for _ in range(8)]
+        data = [(i, [-100] + rng.integers(0, 8, len(i) - 2).tolist() + [-100]) for i in ids]
+        batch = pt.make_batch("ner", data, list(range(8)), tok, tok.pad_token_id, 32)
+        start = {n: p.detach().clone() for n, p in pt.backbone_parameters(student).items()}
+        torch.manual_seed(0)
+        history = []
+        for _ in range(8):
+            loss, _, extra = pt.train_step(student, opts, cfg, "ner", batch, "cpu")
+            history.append(float(loss))
+            assert ("tc_move" in extra) == bool(k)
+            if k:
+                assert extra["tc_move_left"] < extra["tc_move"]
+        drifts[k] = tc_view_drift(student, anchor, batch)
+        losses[k] = history
+        moved[k] = sum(float((p.detach() - start[n]).norm() ** 2) for n, p in pt.backbone_parameters(student).items())
+    assert drifts[0] > 0.01  # the NER steps do move it
+    assert drifts[8] < drifts[0] / 20, drifts  # measured: about 300x less
+    assert moved[8] > 0.5 * moved[0]  # the encoder still trains: the update lost only a few directions
+    assert losses[8][-1] < losses[8][0] - 0.05
+
+
+def test_projected_run_logs_its_move_and_resumes_bit_identical(tiny_bert: Path, toy_root: Path, tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=6, checkpoint_every=2, ner_projection_iterations=2, lr_backbone=1e-3)
+    whole = pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
+    ner_rows = [h for h in whole["history"] if h["task"] == "ner"]
+    assert all(0 <= h["tc_move_left"] < h["tc_move"] for h in ner_rows)
+    assert not any("tc_move" in h for h in whole["history"] if h["task"] == "tc")
+    assert set(whole["summary"]["ner"]) >= {"tc_move_first", "tc_move_last", "tc_move_left_first", "tc_move_left_last"}
+    pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, stop_after=3, progress=False)
+    pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, resume=True, progress=False)
+    assert_same(tensors(tmp_path / "whole"), tensors(tmp_path / "parts"))
+    pt.pretrain(tmp_path / "plain", tiny_bert, "tpl", dataclasses.replace(cfg, ner_projection_iterations=0),
+                progress=False)
+    w, p = tensors(tmp_path / "whole"), tensors(tmp_path / "plain")
+    assert any(not torch.equal(w[k], p[k]) for k in w if k.startswith("backbone/"))
+
+
 def test_state_saved_before_a_field_existed_still_resumes():
     now = {"config": {f.name: f.default for f in dataclasses.fields(pt.PretrainConfig)}}
     old = {"config": {k: v for k, v in now["config"].items() if k != "ner_anchor_weight"}}
@@ -609,8 +732,13 @@ def test_pseudo_labels_file_trains_without_the_teacher(tiny_bert: Path, toy_root
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: Path):
-    """DDP over gloo: two processes, both adapters, a resume save; rank 0 writes (~30 s)."""
+@pytest.mark.parametrize("keep_tc", [
+    ("--ner-anchor-weight", "1", "tc_drift_last"),  # the anchor's second encoder pass inside one DDP forward
+    ("--ner-projection-iterations", "2", "tc_move_last"),  # a weight update outside DDP, averaged over ranks
+], ids=["anchor", "projection"])
+def test_torchrun_two_cpu_processes(keep_tc: tuple[str, str, str], tiny_bert: Path, toy_root: Path, tmp_path: Path):
+    """DDP over gloo: two processes, both adapters, a resume save; rank 0 writes, and the run
+    fails if the processes' weights differ at the end (~30 s)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not found")
@@ -621,14 +749,14 @@ def test_torchrun_two_cpu_processes(tiny_bert: Path, toy_root: Path, tmp_path: P
            "--label-pair-sources", "sms_spam",
            "--steps", "4", "--ner-batch-size", "2", "--tc-batch-size", "2", "--checkpoint-every", "2",
            "--lora-rank", "4", "--lora-alpha", "8", "--data-root", str(toy_root), "--no-progress",
-           "--ner-anchor-weight", "1"]  # the anchor's second encoder pass inside one DDP forward
+           *keep_tc[:2]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     cfg = ck.read_config(out)
     assert cfg["pretrain"]["world_size"] == 2
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["pf_ner", "pf_tc"]
-    assert "tc_drift_last" in json.loads((out / "metrics.json").read_text())["pretrain"]["summary"]["ner"]
+    assert keep_tc[2] in json.loads((out / "metrics.json").read_text())["pretrain"]["summary"]["ner"]
 
 
 def test_drift_measures_cosine_and_neighbourhood_change():

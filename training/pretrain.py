@@ -118,6 +118,10 @@ class PretrainConfig:
     ner_anchor_weight: float = _f(0.0, "weight of a penalty on NER steps: 1 - cosine between each sentence's "
                                   "pooled embedding in the TC view (pf_tc in tpl; dropout off) and the base "
                                   "encoder's, so NER updates leave the sentence embeddings alone (0 = off)")
+    ner_projection_iterations: int = _f(0, "project each NER step's update of the shared encoder off the "
+                                        "directions that move its batch's pooled embeddings in the TC view "
+                                        "(pf_tc in tpl; dropout off): this many conjugate-gradient iterations "
+                                        "per NER step, each a backward and two forward passes (0 = off)")
     lr_lora: float = _f(5e-4, "AdamW lr of the task LoRAs (LoRA tolerates ~10-50x the full lr)")
     lr_head: float = _f(1e-3, "AdamW lr of the NER cluster head (fresh, so fast)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -172,6 +176,18 @@ class PretrainConfig:
         if self.ner_anchor_weight > 0 and self.ner_backbone_lr_scale == 0:
             raise ValueError("ner_anchor_weight acts through the shared encoder on NER steps, which "
                              "ner_backbone_lr_scale 0 freezes: set one of them, not both")
+        if self.ner_projection_iterations < 0:
+            raise ValueError(f"ner_projection_iterations must be >= 0, got {self.ner_projection_iterations}")
+        if self.ner_projection_iterations > 0:
+            if "ner" not in self.tasks:
+                raise ValueError(f"ner_projection_iterations acts on NER steps; mode {self.mode!r} has none "
+                                 "(use ner, naive or tpl)")
+            if self.ner_backbone_lr_scale == 0:
+                raise ValueError("ner_projection_iterations projects the shared encoder's NER updates, which "
+                                 "ner_backbone_lr_scale 0 turns off: set one of them, not both")
+            if self.ner_anchor_weight > 0:
+                raise ValueError("ner_projection_iterations and ner_anchor_weight are two ways of keeping NER "
+                                 "steps off the TC view's embeddings: set one of them, not both")
         if self.temperature <= 0 or self.ner_weight < 0 or self.tc_weight < 0:
             raise ValueError("temperature must be > 0 and loss weights >= 0")
         if not 0 <= self.warmup < 1:
@@ -614,6 +630,20 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+def _check_replicas(module: nn.Module, world: int) -> None:
+    """Under DDP, fail if the processes' weights differ (each tensor's sum, compared exactly): an
+    update applied outside DDP's gradient averaging (the NER projection) must be the same everywhere."""
+    if world <= 1:
+        return
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in module.parameters()])
+    every = [torch.empty_like(sums) for _ in range(world)]
+    torch.distributed.all_gather(every, sums)
+    if not all(torch.equal(every[0], other) for other in every[1:]):
+        bad = int((torch.stack(every) != every[0]).any(dim=0).sum())
+        raise RuntimeError(f"the {world} processes' weights diverged ({bad} tensors differ)")
+
+
 # =========================================================================== resume state
 
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -661,6 +691,11 @@ def _write_checkpoint(out: Path, base: str | Path, student: Student, tokenizer: 
         raise
 
 
+# Per-step measurements beyond the loss: the anchor's ``tc_drift`` (1 - cosine of the TC view to
+# the base) and the projection's ``tc_move`` / ``tc_move_left`` (see project_ner_update).
+STEP_EXTRAS = ("tc_drift", "tc_move", "tc_move_left")
+
+
 def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in tasks:
@@ -673,9 +708,10 @@ def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, A
                   "loss_last": float(np.mean([h["loss"] for h in rows[-k:]])),
                   "tokens": int(sum(h["tokens"] for h in rows)),
                   "tokens_per_s": float(sum(h["tokens"] for h in rows) / secs) if secs else None}
-        if "tc_drift" in rows[0]:  # the TC view's drift from base, measured on NER batches
-            out[t] |= {"tc_drift_first": float(np.mean([h["tc_drift"] for h in rows[:k]])),
-                       "tc_drift_last": float(np.mean([h["tc_drift"] for h in rows[-k:]]))}
+        for key in STEP_EXTRAS:  # measured on NER batches, with the anchor or the projection on
+            if key in rows[0]:
+                out[t] |= {f"{key}_first": float(np.mean([h[key] for h in rows[:k]])),
+                           f"{key}_last": float(np.mean([h[key] for h in rows[-k:]]))}
     tok, secs = sum(h["tokens"] for h in history), sum(h["seconds"] for h in history)
     out["all"] = {"steps": len(history), "tokens": int(tok), "seconds": secs,
                   "tokens_per_s": tok / secs if secs else None}
@@ -705,7 +741,8 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
 
     The other task's optimizer is not stepped: its parameters (LoRA, head) stay bit-identical.
     ``anchor`` (the frozen base encoder) adds ``cfg.ner_anchor_weight`` x the TC view's
-    :func:`embedding_drift` from it to NER steps.
+    :func:`embedding_drift` from it to NER steps. ``cfg.ner_projection_iterations`` > 0 replaces a
+    NER step's backbone update by its projection (:func:`project_ner_update`).
     Returns the unweighted task loss, the number of real (non-pad) tokens, and extra terms by name.
     """
     model.train()
@@ -738,9 +775,68 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
     if cfg.grad_clip > 0:
         params = [p for o in stepping for g in o.param_groups for p in g["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    project = task == "ner" and cfg.ner_projection_iterations > 0 and not frozen_backbone
+    if project:
+        student = getattr(model, "module", model)  # under DDP the projection runs outside its forward
+        backbone = backbone_parameters(student)
+        before = {n: p.detach().clone() for n, p in backbone.items()}
     for o in stepping:
         o.step()
-    return loss.detach(), int(mask.sum().item()), {k: float(v.item()) for k, v in extra.items()}
+    if project:
+        extra |= project_ner_update(student, backbone, before, ids, mask, cfg.ner_projection_iterations)
+    return loss.detach(), int(mask.sum().item()), {k: float(v) for k, v in extra.items()}
+
+
+def backbone_parameters(student: Student) -> dict[str, nn.Parameter]:
+    """The shared encoder's own weights by name (no LoRA): what the backbone optimizer steps."""
+    return {n: p for n, p in student.encoder.named_parameters() if "lora_" not in n}
+
+
+def project_ner_update(student: Student, backbone: dict[str, nn.Parameter], before: dict[str, torch.Tensor],
+                       ids: torch.Tensor, mask: torch.Tensor, iterations: int) -> dict[str, float]:
+    """Replace the NER step's backbone update (``backbone`` now, ``before`` the step) by its
+    projection off the directions that move the batch's pooled embeddings in the TC view.
+
+    The TC view is evaluated at the weights before the step, in fp32 with dropout off, like
+    the anchor's. Under DDP each process projects against its own batch and the corrections
+    are averaged, so every process applies the same update. Returns ``tc_move`` and
+    ``tc_move_left``: the first-order change of the batch's pooled TC-view embeddings (norm over
+    the batch) that the update made before and after the projection.
+    """
+    from torch.func import functional_call
+
+    from mtpf_training.projection import project_update
+
+    def tc_view(params: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, H)
+        hidden = functional_call(student.encoder, params, args=(),
+                                 kwargs={"input_ids": ids, "attention_mask": mask}, strict=False).last_hidden_state
+        return mean_pool(hidden.float(), mask)
+
+    reduce = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        def reduce(correction: dict[str, torch.Tensor]) -> None:
+            flat = torch.cat([t.reshape(-1) for t in correction.values()])
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            offset = 0
+            for t in correction.values():
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    was_training = student.training
+    student.activate("tc")
+    student.encoder.eval()
+    try:
+        with torch.autocast(ids.device.type, enabled=False):
+            delta = {n: p.detach() - before[n] for n, p in backbone.items()}
+            projected, stats = project_update(tc_view, before, delta, iterations, reduce)
+    finally:
+        student.encoder.train(was_training)
+    with torch.no_grad():
+        for n, p in backbone.items():
+            p.copy_(before[n] + projected[n])
+    return {"tc_move": stats["drift_before"], "tc_move_left": stats["drift_after"]}
 
 
 # =========================================================================== the run
@@ -888,8 +984,9 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
             tps = sum(h["tokens"] for h in recent) / max(1e-9, sum(h["seconds"] for h in recent))
             last = {f"{t}_loss": next((h["loss"] for h in reversed(history) if h["task"] == t), None)
                     for t in cfg.tasks}
-            if anchor is not None:  # the TC view's drift from base on the last NER batch
-                last["tc_drift"] = next((h["tc_drift"] for h in reversed(history) if "tc_drift" in h), None)
+            for key in STEP_EXTRAS:  # on the last NER batch that measured it
+                if any(key in h for h in recent):
+                    last[key] = next((h[key] for h in reversed(history) if key in h), None)
             bar.set_postfix({k: f"{v:.3f}" for k, v in last.items() if v is not None} | {"tok/s": f"{tps:.0f}"})
             if rank == 0:
                 log.info("step %d/%d %s tokens/s %.0f", step + 1, cfg.steps,
@@ -903,6 +1000,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         return {"stopped_at": end, "resume": str(state_path)}
 
     # ------------------------------------------------------------------ save
+    _check_replicas(student, world)
     metrics = {"mode": cfg.mode, "steps": len(history), "summary": _summary(history, cfg.tasks),
                "data": data_info, "history": history}
     if rank == 0:
