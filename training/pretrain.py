@@ -812,17 +812,17 @@ def project_ner_update(student: Student, backbone: dict[str, nn.Parameter], befo
                                  kwargs={"input_ids": ids, "attention_mask": mask}, strict=False).last_hidden_state
         return mean_pool(hidden.float(), mask)
 
-    reduce = None
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        def reduce(correction: dict[str, torch.Tensor]) -> None:
-            flat = torch.cat([t.reshape(-1) for t in correction.values()])
-            torch.distributed.all_reduce(flat)
-            flat /= torch.distributed.get_world_size()
-            offset = 0
-            for t in correction.values():
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+    def average(correction: dict[str, torch.Tensor]) -> None:  # over the DDP processes, in place
+        flat = torch.cat([t.reshape(-1) for t in correction.values()])
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+        offset = 0
+        for t in correction.values():
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
     was_training = student.training
     student.activate("tc")
@@ -830,7 +830,7 @@ def project_ner_update(student: Student, backbone: dict[str, nn.Parameter], befo
     try:
         with torch.autocast(ids.device.type, enabled=False):
             delta = {n: p.detach() - before[n] for n, p in backbone.items()}
-            projected, stats = project_update(tc_view, before, delta, iterations, reduce)
+            projected, stats = project_update(tc_view, before, delta, iterations, average if ddp else None)
     finally:
         student.encoder.train(was_training)
     with torch.no_grad():
