@@ -504,6 +504,8 @@ def test_finite_difference_jvp_matches_autograd_on_a_nonlinear_map():
                                               (v["w"], v["b"]))
     got = jvp_fd(f, theta, v, step=1e-3)
     assert torch.allclose(got, exact, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="step"):
+        jvp_fd(f, theta, v, step=0.0)
 
 
 def test_ner_projection_iterations_is_checked(tiny_bert: Path, toy_root: Path):
