@@ -382,14 +382,17 @@ def test_embedding_drift_by_hand():
         embedding_drift(a, torch.zeros(3, 2))
 
 
-def test_ner_anchor_weight_is_checked(tiny_bert: Path, toy_root: Path):
+@pytest.mark.parametrize("field, on", [("ner_anchor_weight", 1.0), ("ner_projection_iterations", 2)])
+def test_ways_to_keep_ner_off_the_tc_view_are_checked(field: str, on: float, tiny_bert: Path, toy_root: Path):
     cfg = tiny_cfg(tiny_bert, toy_root)
     with pytest.raises(ValueError, match=">= 0"):
-        dataclasses.replace(cfg, ner_anchor_weight=-1.0)
+        dataclasses.replace(cfg, **{field: -on})
     with pytest.raises(ValueError, match="has none"):
-        dataclasses.replace(cfg, mode="tc", ner_anchor_weight=1.0)
+        dataclasses.replace(cfg, mode="tc", **{field: on})
     with pytest.raises(ValueError, match="not both"):
-        dataclasses.replace(cfg, ner_anchor_weight=1.0, ner_backbone_lr_scale=0.0)
+        dataclasses.replace(cfg, ner_backbone_lr_scale=0.0, **{field: on})
+    with pytest.raises(ValueError, match="not both"):  # the anchor and the projection exclude each other
+        dataclasses.replace(cfg, ner_anchor_weight=1.0, ner_projection_iterations=2)
 
 
 def tc_view_drift(student: pt.Student, anchor: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
@@ -401,22 +404,27 @@ def tc_view_drift(student: pt.Student, anchor: torch.nn.Module, batch: dict[str,
     return float(embedding_drift(now, base))
 
 
+def ner_bench(tiny_bert: Path, cfg: pt.PretrainConfig) -> tuple[pt.Student, dict, dict[str, torch.Tensor]]:
+    """A fresh student, its optimizers at full learning rate, and one fixed NER batch of 8 sentences."""
+    student, tok, _ = pt.build_student(tiny_bert, cfg)
+    opts = pt.build_optimizers(student, cfg)
+    for o in opts.values():
+        for g in o.param_groups:
+            g["lr"] = g["initial_lr"]
+    rng = np.random.default_rng(0)
+    ids = [tok(" ".join(rng.choice(WORDS, 8)))["input_ids"] for _ in range(8)]
+    data = [(i, [-100] + rng.integers(0, 8, len(i) - 2).tolist() + [-100]) for i in ids]
+    return student, opts, pt.make_batch("ner", data, list(range(8)), tok, tok.pad_token_id, 32)
+
+
 @pytest.mark.parametrize("mode", ["tpl", "naive"])
 def test_ner_anchor_holds_the_tc_view_to_the_base(mode: str, tiny_bert: Path, toy_root: Path):
     """The same NER steps move the TC view's sentence embeddings far less with the anchor on."""
     drifts = {}
     for weight in (0.0, 50.0):
         cfg = tiny_cfg(tiny_bert, toy_root, mode=mode, lr_backbone=3e-3, ner_anchor_weight=weight, grad_clip=0.0)
-        student, tok, _ = pt.build_student(tiny_bert, cfg)
-        opts = pt.build_optimizers(student, cfg)
-        for o in opts.values():
-            for g in o.param_groups:
-                g["lr"] = g["initial_lr"]
+        student, opts, batch = ner_bench(tiny_bert, cfg)
         anchor = pt.load_anchor(tiny_bert, "cpu")
-        rng = np.random.default_rng(0)
-        ids = [tok(" ".join(rng.choice(WORDS, 8)))["input_ids"] for _ in range(8)]
-        data = [(i, [-100] + rng.integers(0, 8, len(i) - 2).tolist() + [-100]) for i in ids]
-        batch = pt.make_batch("ner", data, list(range(8)), tok, tok.pad_token_id, 32)
         assert tc_view_drift(student, anchor, batch) < 1e-6  # pf_tc starts as the identity
         torch.manual_seed(0)
         for _ in range(8):
@@ -508,18 +516,6 @@ def test_finite_difference_jvp_matches_autograd_on_a_nonlinear_map():
         jvp_fd(f, theta, v, step=0.0)
 
 
-def test_ner_projection_iterations_is_checked(tiny_bert: Path, toy_root: Path):
-    cfg = tiny_cfg(tiny_bert, toy_root)
-    with pytest.raises(ValueError, match=">= 0"):
-        dataclasses.replace(cfg, ner_projection_iterations=-1)
-    with pytest.raises(ValueError, match="has none"):
-        dataclasses.replace(cfg, mode="tc", ner_projection_iterations=2)
-    with pytest.raises(ValueError, match="not both"):
-        dataclasses.replace(cfg, ner_projection_iterations=2, ner_backbone_lr_scale=0.0)
-    with pytest.raises(ValueError, match="not both"):
-        dataclasses.replace(cfg, ner_projection_iterations=2, ner_anchor_weight=1.0)
-
-
 @pytest.mark.parametrize("mode", ["tpl", "naive"])
 def test_ner_projection_keeps_the_tc_view_where_it_was(mode: str, tiny_bert: Path, toy_root: Path):
     """The same NER steps move the TC view's sentence embeddings far less when projected, and
@@ -527,16 +523,8 @@ def test_ner_projection_keeps_the_tc_view_where_it_was(mode: str, tiny_bert: Pat
     drifts, losses, moved = {}, {}, {}
     for k in (0, 8):
         cfg = tiny_cfg(tiny_bert, toy_root, mode=mode, lr_backbone=3e-4, ner_projection_iterations=k, grad_clip=0.0)
-        student, tok, _ = pt.build_student(tiny_bert, cfg)
-        opts = pt.build_optimizers(student, cfg)
-        for o in opts.values():
-            for g in o.param_groups:
-                g["lr"] = g["initial_lr"]
+        student, opts, batch = ner_bench(tiny_bert, cfg)
         anchor = pt.load_anchor(tiny_bert, "cpu")  # only to measure the drift
-        rng = np.random.default_rng(0)
-        ids = [tok(" ".join(rng.choice(WORDS, 8)))["input_ids"] for _ in range(8)]
-        data = [(i, [-100] + rng.integers(0, 8, len(i) - 2).tolist() + [-100]) for i in ids]
-        batch = pt.make_batch("ner", data, list(range(8)), tok, tok.pad_token_id, 32)
         start = {n: p.detach().clone() for n, p in pt.backbone_parameters(student).items()}
         torch.manual_seed(0)
         history = []
