@@ -748,7 +748,7 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
     model.train()
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
-    extra: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor | float] = {}
     with _amp(device):
         if task == "ner":
             out = model(ids, mask, task="ner", with_tc_view=anchor is not None)
@@ -784,7 +784,8 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
         o.step()
     if project:
         extra |= project_ner_update(student, backbone, before, ids, mask, cfg.ner_projection_iterations)
-    return loss.detach(), int(mask.sum().item()), {k: float(v) for k, v in extra.items()}
+    return loss.detach(), int(mask.sum().item()), {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                                                   for k, v in extra.items()}
 
 
 def backbone_parameters(student: Student) -> dict[str, nn.Parameter]:
