@@ -78,11 +78,11 @@ def project_update(f: Callable[[Params], torch.Tensor], theta: Params, delta: Pa
     if set(delta) != set(theta):
         raise ValueError(f"delta and theta name different tensors: {sorted(set(delta) ^ set(theta))[:5]}")
     names = list(theta)
+    size = _norm(delta)
+    if size == 0.0:  # the same on every process: delta comes from averaged gradients
+        return {n: delta[n].clone() for n in names}, {"drift_before": 0.0, "drift_after": 0.0}
     leaves = {n: theta[n].detach().requires_grad_(True) for n in names}
     out = f(leaves)  # (B, H), with a graph for the vector-Jacobian products
-    size = _norm(delta)
-    if size == 0.0:
-        return {n: delta[n].clone() for n in names}, {"drift_before": 0.0, "drift_after": 0.0}
     step = fd_step if fd_step is not None else size  # the update's own scale, where its linearisation matters
     r = jvp_fd(f, theta, delta, step).to(out.dtype)  # J delta
     before = float(r.norm())
