@@ -567,17 +567,23 @@ def load_anchor(base_dir: Path, device: str) -> nn.Module:
     return anchor
 
 
+def backbone_parameters(student: Student) -> dict[str, nn.Parameter]:
+    """The shared encoder's own weights by name (no LoRA): what the backbone optimizer steps."""
+    return {n: p for n, p in student.encoder.named_parameters() if "lora_" not in n}
+
+
 def build_optimizers(student: Student, cfg: PretrainConfig) -> dict[str, torch.optim.Optimizer]:
     """``backbone`` (stepped every step) and one per task (stepped only on its steps)."""
     groups: dict[str, list[dict[str, Any]]] = {"backbone": [], "ner": [], "tc": []}
     lora: dict[str, list[nn.Parameter]] = {"ner": [], "tc": []}
-    backbone = []
     for name, p in student.encoder.named_parameters():
-        task = next((t for t, a in ADAPTERS.items() if "lora_" in name and f".{a}." in name), None)
-        if "lora_" in name and task is None:
+        if "lora_" not in name:
+            continue
+        task = next((t for t, a in ADAPTERS.items() if f".{a}." in name), None)
+        if task is None:
             raise RuntimeError(f"LoRA parameter {name} belongs to no task adapter")
-        (lora[task] if task else backbone).append(p)
-    groups["backbone"].append({"params": backbone, "lr": cfg.lr_backbone})
+        lora[task].append(p)
+    groups["backbone"].append({"params": list(backbone_parameters(student).values()), "lr": cfg.lr_backbone})
     if student.ner_head is not None:
         groups["ner"].append({"params": list(student.ner_head.parameters()), "lr": cfg.lr_head})
     for t in ("ner", "tc"):
@@ -786,11 +792,6 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
         extra |= project_ner_update(student, backbone, before, ids, mask, cfg.ner_projection_iterations)
     return loss.detach(), int(mask.sum().item()), {k: float(v.detach()) if torch.is_tensor(v) else float(v)
                                                    for k, v in extra.items()}
-
-
-def backbone_parameters(student: Student) -> dict[str, nn.Parameter]:
-    """The shared encoder's own weights by name (no LoRA): what the backbone optimizer steps."""
-    return {n: p for n, p in student.encoder.named_parameters() if "lora_" not in n}
 
 
 def project_ner_update(student: Student, backbone: dict[str, nn.Parameter], before: dict[str, torch.Tensor],
