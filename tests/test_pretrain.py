@@ -395,6 +395,17 @@ def test_ways_to_keep_ner_off_the_tc_view_are_checked(field: str, on: float, tin
         dataclasses.replace(cfg, ner_anchor_weight=1.0, ner_projection_iterations=2)
 
 
+def test_projection_texts_are_checked(tiny_bert: Path, toy_root: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, ner_projection_iterations=2)
+    assert dataclasses.replace(cfg, ner_projection_texts="ner+tc").ner_projection_texts == "ner+tc"
+    with pytest.raises(ValueError, match="choose ner or ner"):
+        dataclasses.replace(cfg, ner_projection_texts="tc")
+    with pytest.raises(ValueError, match="ner_projection_iterations > 0"):
+        dataclasses.replace(cfg, ner_projection_iterations=0, ner_projection_texts="ner+tc")
+    with pytest.raises(ValueError, match="ner_projection_iterations > 0"):  # ner mode has no TC texts to hold
+        dataclasses.replace(cfg, mode="ner", ner_projection_texts="ner+tc")
+
+
 def tc_view_drift(student: pt.Student, anchor: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     student.eval()
     with torch.no_grad():
@@ -543,8 +554,37 @@ def test_ner_projection_keeps_the_tc_view_where_it_was(mode: str, tiny_bert: Pat
     assert losses[8][-1] < losses[8][0] - 0.05
 
 
-def test_projected_run_logs_its_move_and_resumes_bit_identical(tiny_bert: Path, toy_root: Path, tmp_path: Path):
-    cfg = tiny_cfg(tiny_bert, toy_root, steps=6, checkpoint_every=2, ner_projection_iterations=2, lr_backbone=1e-3)
+def test_projection_holds_the_tc_texts_it_is_given(tiny_bert: Path, toy_root: Path):
+    """ner+tc: NER steps projected against their batch and held TC texts move those TC texts' view
+    far less than steps projected against the NER batch alone, and the NER batch stays held."""
+    cfg = tiny_cfg(tiny_bert, toy_root, lr_backbone=3e-4, ner_projection_iterations=8, grad_clip=0.0,
+                   ner_projection_texts="ner+tc")
+    _, tok, _ = pt.build_student(tiny_bert, cfg)
+    rng = np.random.default_rng(1)
+    pairs = pt.TcPairs(pairs=[(" ".join(rng.choice(WORDS, 6)), " ".join(rng.choice(WORDS, 5))) for _ in range(6)],
+                       groups=list(range(6)), spans={"toy": (0, 6)})
+    tc_batch = pt.make_batch("tc", pairs, list(range(6)), tok, tok.pad_token_id, 32)
+    held = pt.held_tc_texts(tc_batch, cap=4)
+    assert held["input_ids"].shape[0] == 4 and int(held["attention_mask"][:, -1].max()) == 1  # capped, trimmed
+    drifts = {}
+    for with_held in (False, True):
+        student, opts, batch = ner_bench(tiny_bert, cfg)
+        anchor = pt.load_anchor(tiny_bert, "cpu")
+        torch.manual_seed(0)
+        for _ in range(8):
+            _, _, extra = pt.train_step(student, opts, cfg, "ner", batch, "cpu", held=held if with_held else None)
+            assert extra["tc_move_left"] < extra["tc_move"]
+        drifts[with_held] = (tc_view_drift(student, anchor, held), tc_view_drift(student, anchor, batch))
+    assert drifts[False][0] > 2e-4, drifts  # the NER batch's projection leaves the TC texts some room
+    assert drifts[True][0] < drifts[False][0] / 5, drifts  # measured: 15x less
+    assert drifts[True][1] < 5 * drifts[False][1] + 1e-4, drifts  # the NER batch is still held
+
+
+@pytest.mark.parametrize("texts", ["ner", "ner+tc"])
+def test_projected_run_logs_its_move_and_resumes_bit_identical(texts: str, tiny_bert: Path, toy_root: Path,
+                                                                tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=6, checkpoint_every=2, ner_projection_iterations=2, lr_backbone=1e-3,
+                   ner_projection_texts=texts)
     whole = pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
     ner_rows = [h for h in whole["history"] if h["task"] == "ner"]
     assert all(0 <= h["tc_move_left"] < h["tc_move"] for h in ner_rows)

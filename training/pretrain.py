@@ -122,6 +122,9 @@ class PretrainConfig:
                                         "directions that move its batch's pooled embeddings in the TC view "
                                         "(pf_tc in tpl; dropout off): this many conjugate-gradient iterations "
                                         "per NER step, each a backward and two forward passes (0 = off)")
+    ner_projection_texts: str = _f("ner", "the texts whose TC-view embeddings the projection holds: ner (the NER "
+                                   "batch) | ner+tc (also the anchor texts of the last TC batch, at most "
+                                   "ner_batch_size of them)")
     lr_lora: float = _f(5e-4, "AdamW lr of the task LoRAs (LoRA tolerates ~10-50x the full lr)")
     lr_head: float = _f(1e-3, "AdamW lr of the NER cluster head (fresh, so fast)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
@@ -188,6 +191,11 @@ class PretrainConfig:
             if self.ner_anchor_weight > 0:
                 raise ValueError("ner_projection_iterations and ner_anchor_weight are two ways of keeping NER "
                                  "steps off the TC view's embeddings: set one of them, not both")
+        if self.ner_projection_texts not in ("ner", "ner+tc"):
+            raise ValueError(f"ner_projection_texts {self.ner_projection_texts!r}; choose ner or ner+tc")
+        if self.ner_projection_texts != "ner" and not (self.ner_projection_iterations > 0 and "tc" in self.tasks):
+            raise ValueError("ner_projection_texts ner+tc holds TC texts in the NER projection: it needs "
+                             "ner_projection_iterations > 0 and a mode with TC steps (naive or tpl)")
         if self.temperature <= 0 or self.ner_weight < 0 or self.tc_weight < 0:
             raise ValueError("temperature must be > 0 and loss weights >= 0")
         if not 0 <= self.warmup < 1:
@@ -741,14 +749,15 @@ def make_batch(task: str, data: Any, idx: Sequence[int], tokenizer: Any, pad_id:
 
 
 def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: PretrainConfig, task: str,
-               batch: dict[str, torch.Tensor], device: str,
-               anchor: nn.Module | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
+               batch: dict[str, torch.Tensor], device: str, anchor: nn.Module | None = None,
+               held: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, int, dict[str, float]]:
     """Forward, weighted loss, backward, clip, and step the backbone's and ``task``'s optimizers.
 
     The other task's optimizer is not stepped: its parameters (LoRA, head) stay bit-identical.
     ``anchor`` (the frozen base encoder) adds ``cfg.ner_anchor_weight`` x the TC view's
     :func:`embedding_drift` from it to NER steps. ``cfg.ner_projection_iterations`` > 0 replaces a
-    NER step's backbone update by its projection (:func:`project_ner_update`).
+    NER step's backbone update by its projection (:func:`project_ner_update`), which also holds
+    ``held`` (``input_ids`` and ``attention_mask`` of other texts, see :func:`held_tc_texts`).
     Returns the unweighted task loss, the number of real (non-pad) tokens, and extra terms by name.
     """
     model.train()
@@ -789,30 +798,46 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
     for o in stepping:
         o.step()
     if project:
-        extra |= project_ner_update(student, backbone, before, ids, mask, cfg.ner_projection_iterations)
+        texts = [(ids, mask)]
+        if held is not None:
+            texts.append((held["input_ids"].to(device), held["attention_mask"].to(device)))
+        extra |= project_ner_update(student, backbone, before, texts, cfg.ner_projection_iterations)
     return loss.detach(), int(mask.sum().item()), {k: float(v.detach()) if torch.is_tensor(v) else float(v)
                                                    for k, v in extra.items()}
 
 
+def held_tc_texts(batch: dict[str, torch.Tensor], cap: int) -> dict[str, torch.Tensor]:
+    """The first ``cap`` anchor texts of a TC batch (anchors come first), trimmed to their longest
+    real length: the TC-side texts ``ner_projection_texts ner+tc`` holds on the next NER steps."""
+    half = batch["input_ids"].shape[0] // 2
+    mask = batch["attention_mask"][:min(half, cap)]
+    width = max(1, int(mask.sum(1).max()))
+    return {"input_ids": batch["input_ids"][:mask.shape[0], :width].clone(), "attention_mask": mask[:, :width].clone()}
+
+
 def project_ner_update(student: Student, backbone: dict[str, nn.Parameter], before: dict[str, torch.Tensor],
-                       ids: torch.Tensor, mask: torch.Tensor, iterations: int) -> dict[str, float]:
+                       texts: Sequence[tuple[torch.Tensor, torch.Tensor]], iterations: int) -> dict[str, float]:
     """Replace the NER step's backbone update (``backbone`` now, ``before`` the step) by its
-    projection off the directions that move the batch's pooled embeddings in the TC view.
+    projection off the directions that move the pooled embeddings of ``texts`` in the TC view.
+    ``texts``: (input_ids, attention_mask) pairs, the NER batch first, then any held TC texts.
 
     The TC view is evaluated at the weights before the step, in fp32 with dropout off, like
     the anchor's. Under DDP each process projects against its own batch and the corrections
     are averaged, so every process applies the same update. Returns ``tc_move`` and
     ``tc_move_left``: the first-order change of the batch's pooled TC-view embeddings (norm over
-    the batch) that the update made before and after the projection.
+    all the texts) that the update made before and after the projection.
     """
     from torch.func import functional_call
 
     from mtpf_training.projection import project_update
 
-    def tc_view(params: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, H)
-        hidden = functional_call(student.encoder, params, args=(),
-                                 kwargs={"input_ids": ids, "attention_mask": mask}, strict=False).last_hidden_state
-        return mean_pool(hidden.float(), mask)
+    def tc_view(params: dict[str, torch.Tensor]) -> torch.Tensor:  # (sum of batch sizes, H)
+        pooled = []
+        for ids, mask in texts:  # one forward each: the sets are padded to different lengths
+            hidden = functional_call(student.encoder, params, args=(),
+                                     kwargs={"input_ids": ids, "attention_mask": mask}, strict=False).last_hidden_state
+            pooled.append(mean_pool(hidden.float(), mask))
+        return torch.cat(pooled)
 
     def average(correction: dict[str, torch.Tensor]) -> None:  # over the DDP processes, in place
         flat = torch.cat([t.reshape(-1) for t in correction.values()])
@@ -830,7 +855,7 @@ def project_ner_update(student: Student, backbone: dict[str, nn.Parameter], befo
     student.activate("tc")
     student.encoder.eval()
     try:
-        with torch.autocast(ids.device.type, enabled=False):
+        with torch.autocast(texts[0][0].device.type, enabled=False):
             delta = {n: p.detach() - before[n] for n, p in backbone.items()}
             projected, stats = project_update(tc_view, before, delta, iterations, average if ddp else None)
     finally:
@@ -915,6 +940,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     opts = build_optimizers(student, cfg)
     anchor = load_anchor(base_dir, device) if cfg.ner_anchor_weight > 0 else None
     start, history = 0, []
+    held: dict[str, torch.Tensor] | None = None  # TC texts the NER projection holds (ner+tc)
     if resume and state_path.is_file():
         state = ck.load_state(state_path)
         if _comparable(state["resolved"]) != _comparable(resolved):
@@ -929,6 +955,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         rngs = state["rng"]
         ck.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
         start, history = int(state["step"]), list(state["history"])
+        held = state.get("held")
         log.info("resumed from %s at step %d", state_path, start)
     elif cfg.mode != "base":
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs per process
@@ -951,7 +978,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
             ck.save_state(state_path, {"step": step, "model": student.state_dict(),
                                        "optimizers": {k: o.state_dict() for k, o in opts.items()},
                                        "streams": {t: s.state() for t, s in streams.items()},
-                                       "rng": rng, "history": history, "resolved": resolved})
+                                       "rng": rng, "history": history, "resolved": resolved, "held": held})
         _barrier(world)
 
     # ------------------------------------------------------------------ train
@@ -976,7 +1003,9 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         else:
             idx = [offsets[name] + i for i in streams[name].next()]
         batch = make_batch(task, data[task], idx, tokenizer, pad_id, max_length)
-        loss, tokens, extra = train_step(model, opts, cfg, task, batch, device, anchor)
+        loss, tokens, extra = train_step(model, opts, cfg, task, batch, device, anchor, held)
+        if task == "tc" and cfg.ner_projection_texts == "ner+tc":
+            held = held_tc_texts(batch, cfg.ner_batch_size)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         history.append({"step": step + 1, "task": task, "loss": float(loss.item()),
