@@ -10,7 +10,8 @@
 #   g10nb      g10 with NER steps that leave the shared encoder alone (--ner-backbone-lr-scale 0)
 #   g10s03     g10 with NER steps that move the shared encoder at 0.3x its lr (--ner-backbone-lr-scale 0.3)
 #   g10a       g10 with NER steps anchored to the base's sentence embeddings (--ner-anchor-weight ${ANCHOR:-10})
-#   g10p       g10 with NER updates projected off the TC view's embedding directions (--ner-projection-iterations ${PROJ:-4})
+#   g10p       g10 with NER updates projected off the TC view's embedding directions (--ner-projection-iterations ${PROJ:-4}
+#              --ner-projection-texts ${PROJ_TEXTS:-ner}; ner+tc also holds the last TC batch's texts)
 #   g10l       g10 with the held-out label pairs, every source an equal share (--pair-mix uniform)
 #   g10m       g10 with the CPU-scale pair mix kept (--pair-mix weights = the 12,000-cap pool sizes)
 # Knobs for a dry run on a CPU box: DEV=cpu STEPS=6 XPP=<extra PYTHONPATH> OUT=<folder> RETURN_MB=<cap>.
@@ -52,7 +53,7 @@ for n in ${RUNS:-g10nb g10l g10m}; do
     g10nb) run g10nb --steps ${STEPS:-3600} --ner-backbone-lr-scale 0 & ;;
     g10s03) run g10s03 --steps ${STEPS:-3600} --ner-backbone-lr-scale 0.3 & ;;
     g10a) run g10a --steps ${STEPS:-3600} --ner-anchor-weight ${ANCHOR:-10} & ;;
-    g10p) run g10p --steps ${STEPS:-3600} --ner-projection-iterations ${PROJ:-4} & ;;
+    g10p) run g10p --steps ${STEPS:-3600} --ner-projection-iterations ${PROJ:-4} --ner-projection-texts ${PROJ_TEXTS:-ner} & ;;
     g10m) run g10m --steps ${STEPS:-3600} --pair-mix $CPU_MIX & ;;
     g10l) run g10l --steps ${STEPS:-3600} --label-pair-sources held-out --pair-mix uniform & ;;
     *) echo "unknown run $n"; continue ;;
