@@ -824,8 +824,8 @@ def project_ner_update(student: Student, backbone: dict[str, nn.Parameter], befo
     The TC view is evaluated at the weights before the step, in fp32 with dropout off, like
     the anchor's. Under DDP each process projects against its own batch and the corrections
     are averaged, so every process applies the same update. Returns ``tc_move`` and
-    ``tc_move_left``: the first-order change of the batch's pooled TC-view embeddings (norm over
-    all the texts) that the update made before and after the projection.
+    ``tc_move_left``: the first-order change of the texts' pooled TC-view embeddings (norm over
+    all of them) that the update made before and after the projection.
     """
     from torch.func import functional_call
 
@@ -955,7 +955,8 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         rngs = state["rng"]
         ck.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
         start, history = int(state["step"]), list(state["history"])
-        held = state.get("held")
+        helds = state.get("held") or [None]  # one per process (its own last TC batch)
+        held = helds[rank] if len(helds) == world else helds[0]
         log.info("resumed from %s at step %d", state_path, start)
     elif cfg.mode != "base":
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs per process
@@ -969,16 +970,17 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def save_state(step: int) -> None:
-        rng = [ck.rng_state(device)]
+        rng, helds = [ck.rng_state(device)], [held]
         if world > 1:
-            rng = [None] * world
+            rng, helds = [None] * world, [None] * world
             torch.distributed.all_gather_object(rng, ck.rng_state(device))
             rng = [{k: v.cpu() for k, v in r.items()} for r in rng]
+            torch.distributed.all_gather_object(helds, None if held is None else {k: v.cpu() for k, v in held.items()})
         if rank == 0:
             ck.save_state(state_path, {"step": step, "model": student.state_dict(),
                                        "optimizers": {k: o.state_dict() for k, o in opts.items()},
                                        "streams": {t: s.state() for t, s in streams.items()},
-                                       "rng": rng, "history": history, "resolved": resolved, "held": held})
+                                       "rng": rng, "history": history, "resolved": resolved, "held": helds})
         _barrier(world)
 
     # ------------------------------------------------------------------ train
