@@ -644,6 +644,22 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+def _per_process(value: dict[str, torch.Tensor] | None, world: int) -> list[dict[str, torch.Tensor] | None]:
+    """``value`` (tensors by name, or None) from every process, on the CPU, in rank order: the
+    resume state keeps one per process (its RNG, its held TC texts)."""
+    value = None if value is None else {k: v.cpu() for k, v in value.items()}
+    if world == 1:
+        return [value]
+    out: list[dict[str, torch.Tensor] | None] = [None] * world
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _own(saved: list[Any], rank: int, world: int) -> Any:
+    """This process's entry of a :func:`_per_process` list (the first one if the world size changed)."""
+    return saved[rank] if len(saved) == world else saved[0]
+
+
 def _check_replicas(module: nn.Module, world: int) -> None:
     """Under DDP, fail if the processes' weights differ (each tensor's sum, compared exactly): an
     update applied outside DDP's gradient averaging (the NER projection) must be the same everywhere."""
@@ -952,11 +968,9 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
             o.load_state_dict(state["optimizers"][k])
         for t, s in streams.items():
             s.load(state["streams"][t])
-        rngs = state["rng"]
-        ck.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
+        ck.set_rng_state(_own(state["rng"], rank, world), device)
         start, history = int(state["step"]), list(state["history"])
-        helds = state.get("held") or [None]  # one per process (its own last TC batch)
-        held = helds[rank] if len(helds) == world else helds[0]
+        held = _own(state.get("held") or [None], rank, world)  # each process its own last TC batch's
         log.info("resumed from %s at step %d", state_path, start)
     elif cfg.mode != "base":
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout differs per process
@@ -970,12 +984,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def save_state(step: int) -> None:
-        rng, helds = [ck.rng_state(device)], [held]
-        if world > 1:
-            rng, helds = [None] * world, [None] * world
-            torch.distributed.all_gather_object(rng, ck.rng_state(device))
-            rng = [{k: v.cpu() for k, v in r.items()} for r in rng]
-            torch.distributed.all_gather_object(helds, None if held is None else {k: v.cpu() for k, v in held.items()})
+        rng, helds = _per_process(ck.rng_state(device), world), _per_process(held, world)
         if rank == 0:
             ck.save_state(state_path, {"step": step, "model": student.state_dict(),
                                        "optimizers": {k: o.state_dict() for k, o in opts.items()},
