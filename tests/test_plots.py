@@ -73,3 +73,16 @@ def test_scale_seeds_filter_and_families(tmp_path: Path) -> None:
         plot_scale(res, tmp_path / "x.png", {"s1": 1333, "missing": 4000})
     with pytest.raises(SystemExit):
         main(["scale", str(res), "--out", str(tmp_path / "y.png"), "--points", "s1=1", "--seeds", "a"])
+
+
+def test_several_tables_read_as_one_and_a_run_in_two_is_an_error(tmp_path: Path) -> None:
+    data = json.loads(_results(tmp_path).read_text())
+    ner, tc = tmp_path / "ner.json", tmp_path / "tc.json"  # e.g. an NER table and a per-seed TC table
+    ner.write_text(json.dumps({"runs": [r for r in data["runs"] if r["kind"] == "ner"]}))
+    tc.write_text(json.dumps({"runs": [r for r in data["runs"] if r["kind"] == "tc"]}))
+    assert load_means([ner, tc]) == load_means(tmp_path / "results.json")
+    assert plot_deltas([ner, tc], tmp_path / "d.png", ["tpl"]) == ["ner", "tc"]
+    assert main(["deltas", str(ner), str(tc), "--out", str(tmp_path / "m.png"), "--modes", "tpl"]) == 0
+    with pytest.raises(ValueError, match="conll2003 seed 0 is also in"):
+        load_means([ner, tmp_path / "results.json"])
+    assert main(["deltas", str(ner), str(ner), "--out", str(tmp_path / "x.png")]) == 2

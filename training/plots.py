@@ -1,6 +1,6 @@
 """Plots of ``mtpf-compare`` results (matplotlib, from the bench extra).
 
-    python -m mtpf_training.plots deltas runs/table/results.json --out deltas.png [--modes ner,tc,naive,tpl]
+    python -m mtpf_training.plots deltas runs/table/results.json [more results.json] --out deltas.png [--modes ner,tc,naive,tpl]
     python -m mtpf_training.plots scale runs/abl/results.json --out scale.png --points s1=1333,tpl=4000,s3=12000 [--seeds 0]
 
 ``deltas``: per dataset, each mode's metric minus base's (mean over seeds, x100), NER and TC
@@ -8,7 +8,9 @@ panels. ``scale``: family average against pre-finetuning data size, one point pe
 (``MODE=SIZE``; size is whatever the caller measured, e.g. raw sentences), base as a line, one
 panel per task family that every point covers. Per task family, only runs with the settings
 most runs of that family used are drawn; ``--seeds`` keeps only those seeds' runs (a curve whose
-points have different seeds would mix seed noise into it).
+points have different seeds would mix seed noise into it). Several results.json files are read as
+one table (e.g. an NER table and a TC table with per-seed subsets); a run that two files both hold
+is an error, not counted twice.
 """
 
 from __future__ import annotations
@@ -23,10 +25,26 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def load_means(path: Path, seeds: Sequence[int] | None = None
+def _runs(paths: Path | Sequence[Path]) -> list[dict[str, Any]]:
+    """The runs of one or several results.json files; the same run in two files raises ValueError."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    runs: list[dict[str, Any]] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            key = json.dumps([r["mode"], r["dataset"], r["seed"], r["settings"]], sort_keys=True)
+            if key in seen:
+                raise ValueError(f"{path}: run {r['mode']}/{r['dataset']} seed {r['seed']} is also in {seen[key]} "
+                                 "with the same settings; pass each table once")
+            seen[key] = Path(path)
+            runs.append(r)
+    return runs
+
+
+def load_means(paths: Path | Sequence[Path], seeds: Sequence[int] | None = None
                ) -> tuple[dict[tuple[str, str], float], dict[str, str]]:
     """(mode, dataset) -> mean metric x100 over seeds (``seeds`` only, when given); dataset -> kind."""
-    runs = [r for r in json.loads(Path(path).read_text())["runs"] if seeds is None or r["seed"] in seeds]
+    runs = [r for r in _runs(paths) if seeds is None or r["seed"] in seeds]
     settings: dict[str, Counter] = defaultdict(Counter)  # per kind: the settings most runs used
     for r in runs:
         settings[r["kind"]][json.dumps(r["settings"], sort_keys=True)] += 1
@@ -40,7 +58,11 @@ def load_means(path: Path, seeds: Sequence[int] | None = None
     return {k: float(np.mean(v)) for k, v in vals.items()}, kind
 
 
-def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> list[str]:
+def _names(results: Path | Sequence[Path]) -> str:
+    return str(results) if isinstance(results, (str, Path)) else ", ".join(map(str, results))
+
+
+def plot_deltas(results: Path | Sequence[Path], out: Path, modes: Sequence[str]) -> list[str]:
     """One panel per task family that has base runs; returns the families drawn."""
     import matplotlib
 
@@ -51,7 +73,7 @@ def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> list[str]:
     titles = {"ner": "NER: test F1 − base", "tc": "TC: test accuracy − base"}
     fams = [f for f in titles if any(k == f and ("base", d) in mean for d, k in kind.items())]
     if not fams:
-        raise ValueError(f"{results}: no base runs to draw deltas against")
+        raise ValueError(f"{_names(results)}: no base runs to draw deltas against")
     fig, axes = plt.subplots(1, len(fams), figsize=(7 * len(fams), 5), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         names = sorted(d for d, k in kind.items() if k == fam and ("base", d) in mean)
@@ -70,7 +92,7 @@ def plot_deltas(results: Path, out: Path, modes: Sequence[str]) -> list[str]:
     return fams
 
 
-def plot_scale(results: Path, out: Path, points: dict[str, float], seeds: Sequence[int] | None = None) -> list[str]:
+def plot_scale(results: Path | Sequence[Path], out: Path, points: dict[str, float], seeds: Sequence[int] | None = None) -> list[str]:
     """One panel per task family in which every point has runs on all its datasets; returns those."""
     import matplotlib
 
@@ -87,7 +109,7 @@ def plot_scale(results: Path, out: Path, points: dict[str, float], seeds: Sequen
     titles = {"ner": "NER average F1", "tc": "TC average accuracy"}
     fams = [f for f in titles if all(np.isfinite(avg(m, f)) for m in points)]
     if not fams:
-        raise ValueError(f"{results}: no task family has runs of every point ({', '.join(points)}) on all its datasets")
+        raise ValueError(f"{_names(results)}: no task family has runs of every point ({', '.join(points)}) on all its datasets")
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         xs = sorted(points, key=points.get)
@@ -108,7 +130,7 @@ def plot_scale(results: Path, out: Path, points: dict[str, float], seeds: Sequen
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mtpf_training.plots", description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["deltas", "scale"])
-    ap.add_argument("results", type=Path, help="an mtpf-compare results.json")
+    ap.add_argument("results", type=Path, nargs="+", help="mtpf-compare results.json files, read as one table")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
     ap.add_argument("--modes", default="ner,tc,naive,tpl", help="deltas: modes to draw against base")
     ap.add_argument("--points", default="", help="scale: MODE=SIZE,... (e.g. s1=1333,tpl=4000,s3=12000)")
