@@ -86,3 +86,17 @@ def test_several_tables_read_as_one_and_a_run_in_two_is_an_error(tmp_path: Path)
     with pytest.raises(ValueError, match="conll2003 seed 0 is also in"):
         load_means([ner, tmp_path / "results.json"])
     assert main(["deltas", str(ner), str(ner), "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_one_mode_name_for_two_checkpoints_across_tables_is_an_error(tmp_path: Path) -> None:
+    data = json.loads(_results(tmp_path).read_text())
+    ner, tc = tmp_path / "ner.json", tmp_path / "tc.json"
+    ner.write_text(json.dumps({"checkpoints": {"tpl": {"path": "/a/tpl", "fingerprint": "aaaa"}},
+                               "runs": [r for r in data["runs"] if r["kind"] == "ner"]}))
+    same = {"checkpoints": {"tpl": {"path": "/b/tpl", "fingerprint": "aaaa"}},  # moved, same content
+            "runs": [r for r in data["runs"] if r["kind"] == "tc"]}
+    tc.write_text(json.dumps(same))
+    assert load_means([ner, tc]) == load_means(tmp_path / "results.json")
+    tc.write_text(json.dumps({**same, "checkpoints": {"tpl": {"path": "/b/tpl", "fingerprint": "bbbb"}}}))
+    with pytest.raises(ValueError, match="mode 'tpl' is checkpoint /b/tpl"):
+        load_means([ner, tc])

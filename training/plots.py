@@ -9,8 +9,8 @@ panels. ``scale``: family average against pre-finetuning data size, one point pe
 panel per task family that every point covers. Per task family, only runs with the settings
 most runs of that family used are drawn; ``--seeds`` keeps only those seeds' runs (a curve whose
 points have different seeds would mix seed noise into it). Several results.json files are read as
-one table (e.g. an NER table and a TC table with per-seed subsets); a run that two files both hold
-is an error, not counted twice.
+one table (e.g. an NER table and a TC table with per-seed subsets); a run that two files both hold,
+or a mode that names two different checkpoints, is an error.
 """
 
 from __future__ import annotations
@@ -26,12 +26,20 @@ import numpy as np
 
 
 def _runs(paths: Path | Sequence[Path]) -> list[dict[str, Any]]:
-    """The runs of one or several results.json files; the same run in two files raises ValueError."""
+    """The runs of one or several results.json files. ValueError when two files hold the same run,
+    or name one mode after two different checkpoints (their fingerprints differ)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     runs: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
+    ckpt: dict[str, tuple[str, Path]] = {}  # mode -> (fingerprint, the file that first named it)
     for path in paths:
-        for r in json.loads(Path(path).read_text())["runs"]:
+        data = json.loads(Path(path).read_text())
+        for mode, c in data.get("checkpoints", {}).items():
+            fp, first = ckpt.setdefault(mode, (c["fingerprint"], Path(path)))
+            if fp != c["fingerprint"]:
+                raise ValueError(f"{path}: mode {mode!r} is checkpoint {c['path']} (fingerprint "
+                                 f"{c['fingerprint'][:12]}…), but in {first} it is another one ({fp[:12]}…)")
+        for r in data["runs"]:
             key = json.dumps([r["mode"], r["dataset"], r["seed"], r["settings"]], sort_keys=True)
             if key in seen:
                 raise ValueError(f"{path}: run {r['mode']}/{r['dataset']} seed {r['seed']} is also in {seen[key]} "
