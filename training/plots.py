@@ -25,17 +25,21 @@ from typing import Any, Sequence
 import numpy as np
 
 
+def _paths(results: Path | Sequence[Path]) -> list[Path]:
+    """One results.json or several, as a list."""
+    return [Path(results)] if isinstance(results, (str, Path)) else [Path(p) for p in results]
+
+
 def _runs(paths: Path | Sequence[Path]) -> list[dict[str, Any]]:
     """The runs of one or several results.json files. ValueError when two files hold the same run,
     or name one mode after two different checkpoints (their fingerprints differ)."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     runs: list[dict[str, Any]] = []
     seen: dict[str, Path] = {}
     ckpt: dict[str, tuple[str, Path]] = {}  # mode -> (fingerprint, the file that first named it)
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+    for path in _paths(paths):
+        data = json.loads(path.read_text())
         for mode, c in data.get("checkpoints", {}).items():
-            fp, first = ckpt.setdefault(mode, (c["fingerprint"], Path(path)))
+            fp, first = ckpt.setdefault(mode, (c["fingerprint"], path))
             if fp != c["fingerprint"]:
                 raise ValueError(f"{path}: mode {mode!r} is checkpoint {c['path']} (fingerprint "
                                  f"{c['fingerprint'][:12]}…), but in {first} it is another one ({fp[:12]}…)")
@@ -44,7 +48,7 @@ def _runs(paths: Path | Sequence[Path]) -> list[dict[str, Any]]:
             if key in seen:
                 raise ValueError(f"{path}: run {r['mode']}/{r['dataset']} seed {r['seed']} is also in {seen[key]} "
                                  "with the same settings; pass each table once")
-            seen[key] = Path(path)
+            seen[key] = path
             runs.append(r)
     return runs
 
@@ -67,7 +71,7 @@ def load_means(paths: Path | Sequence[Path], seeds: Sequence[int] | None = None
 
 
 def _names(results: Path | Sequence[Path]) -> str:
-    return str(results) if isinstance(results, (str, Path)) else ", ".join(map(str, results))
+    return ", ".join(map(str, _paths(results)))
 
 
 def plot_deltas(results: Path | Sequence[Path], out: Path, modes: Sequence[str]) -> list[str]:
