@@ -51,13 +51,15 @@ class Params:
     switch_rounds: int
     torch_latency_kinds: tuple[str, ...]  # which task kinds torch's latency sweep covers
     worker_timeout_s: int
+    isolated_rounds: int  # requests with a pause between them (thread spinning: CPU per request)
 
 
 FULL = Params((16, 64, 128, 256), (1, 8), ("1", "all"), (1, 2, 4, 8), 10, 300, 1.5, 300, 20, 60,
-              ("tc", "ner"), 1800)
+              ("tc", "ner"), 1800, 60)
 # About a minute on 2 cores with a tiny model: every code path, few repetitions.
-QUICK = Params((16, 64), (1,), ("1",), (1, 2), 3, 20, 0.15, 20, 3, 6, ("tc",), 300)
+QUICK = Params((16, 64), (1,), ("1",), (1, 2), 3, 20, 0.15, 20, 3, 6, ("tc",), 300, 5)
 OVERHEAD_SEQ, THROUGHPUT_BATCH = 128, 32
+PAUSE_S = 0.05  # between isolated requests: an app's requests do not come back to back
 TARGETS = {  # name -> (comparison, bound, what it means)
     "adapter_overhead": ("<=", 1.05, "mtpf latency / floor, seq 128, batch 1, 1 thread"),
     "rss_k_over_merged1": ("<=", 1.15, "mtpf RSS with 8 tasks / one merged INT8 model"),
@@ -159,7 +161,7 @@ def open_engine(spec: dict, threads: int, batch_size: int = 32):
     engine = spec["engine"]
     Runtime = _runtime_cls()
     if engine == "mtpf":
-        return Runtime(spec["bundle"], threads=threads, batch_size=batch_size)
+        return Runtime(spec["bundle"], threads=threads, batch_size=batch_size, spin=spec.get("spin", False))
     if engine == "floor":  # the same Runtime and session, no adapter fed
         return Runtime(spec["bundle"], threads=threads, batch_size=batch_size).without_adapters()
     if engine == "merged":
@@ -313,8 +315,45 @@ def worker_multitask(spec: dict, p: Params) -> dict:
     return out
 
 
+def worker_spin(spec: dict, p: Params) -> dict:
+    """One ``Runtime(spin=...)`` on all cores, seq 64, batch 1: what spinning buys and costs.
+
+    Back to back: ``tag`` p50, and ``analyze`` against the two calls, interleaved. Isolated:
+    ``tag`` with a ``PAUSE_S`` sleep after each call, and the process's CPU time per request
+    over call and pause together: the spinning threads' work while the app waits.
+    """
+    tok = _tokenizer(spec["bundle"])
+    (tn, _), (tc, _) = spec["pair"]
+    threads = n_threads("all")
+    rt = open_engine({**spec, "engine": "mtpf"}, threads, batch_size=1)
+    text = piece_texts(tok, 64, 1)[0]
+    ft = lambda: rt.tag(text, task=tn)  # noqa: E731
+    back_to_back = float(np.median(time_calls(ft, p)))
+    ma, mb = interleaved_p50(lambda: rt.analyze(text, [tn, tc]),
+                             lambda: (rt.tag(text, task=tn), rt.classify(text, task=tc)), p.paired_rounds)
+    walls = []
+    time.sleep(PAUSE_S)
+    c0 = time.process_time()  # every thread of the process: ONNX Runtime's workers too
+    for _ in range(p.isolated_rounds):
+        t = time.perf_counter()
+        ft()
+        walls.append((time.perf_counter() - t) * 1e3)
+        time.sleep(PAUSE_S)
+    cpu_ms = (time.process_time() - c0) * 1e3 / p.isolated_rounds
+    return {"spin": rt_spin(rt), "threads": threads, "seq": 64, "task": tn, "back_to_back_p50_ms": back_to_back,
+            "analyze_p50_ms": ma, "two_calls_p50_ms": mb, "analyze_ratio": ma / mb,
+            "isolated_p50_ms": float(np.median(walls)), "isolated_cpu_ms": cpu_ms, "pause_ms": PAUSE_S * 1e3,
+            "n_isolated": p.isolated_rounds}
+
+
+def rt_spin(rt) -> bool:
+    """The spinning setting the backbone session really has (not the one asked for)."""
+    key = "session.intra_op.allow_spinning"
+    return rt._session.get_session_options().get_session_config_entry(key) == "1"
+
+
 WORKERS = {"latency": worker_latency, "memory": worker_memory, "switch": worker_switch, "paired": worker_paired,
-           "multitask": worker_multitask}
+           "multitask": worker_multitask, "spin": worker_spin}
 
 
 def run_worker(spec: dict) -> dict:
@@ -503,6 +542,22 @@ def markdown(res: dict) -> str:
                       [[name, str(x["threads"]), _f(x["combined_p50_ms"], 2), _f(x["separate_p50_ms"], 2),
                         _f(x["ratio"], 3)] for name, x in res["multitask"].items()
                        if isinstance(x, dict) and "ratio" in x])
+    if res.get("spin"):
+        out += ["", "## Thread spinning (Runtime spin=..., all cores, seq 64, batch 1; each setting in its own "
+                    "process)", "",
+                "ONNX Runtime's worker threads spin after a run unless told not to; `Runtime` turns that off "
+                "unless `spin=True`. Isolated requests sleep "
+                f"{_f(next(iter(res['spin'].values()))['pause_ms'], 0)} ms after each call; their CPU time counts "
+                "every thread of the process over call and pause.", ""]
+        out += _table(["spin", "tag p50 ms, back to back", "analyze / two calls", "tag p50 ms, isolated",
+                       "CPU ms per isolated request"],
+                      [[str(x["spin"]), _f(x["back_to_back_p50_ms"], 2),
+                        f"{_f(x['analyze_p50_ms'], 2)} / {_f(x['two_calls_p50_ms'], 2)} = {_f(x['analyze_ratio'], 3)}",
+                        _f(x["isolated_p50_ms"], 2), _f(x["isolated_cpu_ms"], 2)]
+                       for x in res["spin"].values()])
+        rc, rb = res["ratios"]["spin_cpu"]["value"], res["ratios"]["spin_back_to_back"]["value"]
+        out += ["", f"spin=True / spin=False: CPU per isolated request {_f(rc, 2)}×, back-to-back tag p50 "
+                    f"{_f(rb, 2)}×."]
     if res["switch"]:
         out += ["", "## Task switching (batch 1, 1 thread; blocks A A A A / B B B B / A B A B interleaved)", ""]
         out += _table(["engine", "pair", "seq", "repeat ms", "alternate ms", "switch cost ms"],
@@ -730,6 +785,14 @@ def main(argv: list[str] | None = None) -> int:
             multitask = r
     else:
         notes.append("needs one NER and one TC task: no shared-trunk / mixed-batch measurement")
+    spin = {}
+    if plan["tc"] and plan["ner"]:
+        _log("== thread spinning (Runtime spin=False, the default, against spin=True)")
+        for on in (False, True):
+            r = run({**common, "kind_of_run": "spin", "engine": "mtpf", "spin": on, "threads": "all",
+                     "pair": [[plan["ner"], "ner"], [plan["tc"], "tc"]]})
+            if r:
+                spin["on" if on else "off"] = r
 
     # ---- ratios and targets
     def mem_of(engine: str, k: int) -> dict | None:
@@ -763,6 +826,13 @@ def main(argv: list[str] | None = None) -> int:
     ratios["mixed_batch"] = {"value": multitask.get("mixed", {}).get("ratio", float("nan")),
                              "what": "run_mixed over 32 rows of two tasks / grouping by task outside "
                                      "(time ratio; < 1 is faster)"}
+    on, off = spin.get("on", {}), spin.get("off", {})
+    ratios["spin_cpu"] = {"value": ratio(on.get("isolated_cpu_ms"), off.get("isolated_cpu_ms")),
+                          "what": f"CPU time per isolated tag request ({PAUSE_S * 1e3:.0f} ms pause after each), "
+                                  "spin=True / spin=False, all cores"}
+    ratios["spin_back_to_back"] = {"value": ratio(on.get("back_to_back_p50_ms"), off.get("back_to_back_p50_ms")),
+                                   "what": "tag p50 back to back, spin=True / spin=False, all cores (< 1: "
+                                           "spinning is faster)"}
     if mem_of("mtpf", 1) and mt and kmax > 1:
         ratios["rss_per_extra_task_mb"] = {"value": (mt["model_mb"] - mem_of("mtpf", 1)["model_mb"]) / (kmax - 1),
                                            "what": "RSS each further task adds to mtpf"}
@@ -790,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
                "params": asdict(p), "machine": mach, "tasks": {"order": order, **{k: plan[k] for k in ("tc", "ner")},
                                                               "pair": list(plan["pair"])},
                "latency": latency, "workers": workers, "memory": memory, "disk": disk, "switch": switch,
-               "paired": paired, "multitask": multitask, "ratios": ratios, "targets": targets, "notes": notes, "errors": run.errors,
+               "paired": paired, "multitask": multitask, "spin": spin, "ratios": ratios, "targets": targets, "notes": notes, "errors": run.errors,
                "elapsed_s": time.time() - t_all}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     notes += plots(results, out)

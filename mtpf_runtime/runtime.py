@@ -49,15 +49,23 @@ class Runtime:
     ``threads``: intra-op threads of the session (None: ONNX Runtime's default, all cores).
     ``verify``: check every file's sha256 against the manifest before loading anything.
     ``batch_size``: texts per backbone run; lists are sorted by length and padded per batch.
+    ``spin``: let ONNX Runtime's worker threads spin on the CPU after each run (its own
+    default) instead of sleeping. Off here: on a phone the spinning burns battery between
+    requests, and with two sessions (backbone and ``top.onnx``) one session's spinning threads
+    compete with the other's, which made ``analyze`` slower than two calls on 2 cores
+    (docs/benchmarks.md, "Thread spinning"). Turn it on for back-to-back calls on a machine
+    with cores to spare.
     """
 
     def __init__(self, bundle: str | os.PathLike, threads: int | None = None, *,
-                 verify: bool = True, batch_size: int = 32) -> None:
+                 verify: bool = True, batch_size: int = 32, spin: bool = False) -> None:
         self.path = Path(bundle)
         self.manifest: Manifest = read_manifest(self.path, verify=verify)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(spin, bool):
+            raise TypeError(f"spin must be True or False, got {spin!r}")
         m = self.manifest
         self._heads: dict[str, _Head] = {}
         self._adapters: dict[str, ort.LoraAdapter | None] = {}
@@ -83,6 +91,8 @@ class Runtime:
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
+        for pool in ("intra_op", "inter_op"):
+            opts.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spin else "0")
         self._session = _session(resolve_file(self.path, m.backbone), opts)
         # top.onnx serves only multi-task calls: its session is made on first use (an app that
         # never calls analyze/run_mixed with several tasks does not pay its memory), from bytes
@@ -364,11 +374,14 @@ class Runtime:
 
     def _head(self, hidden: np.ndarray, mask: np.ndarray, n_tokens: list[int], spec: TaskSpec,
               pooled: bool) -> list[np.ndarray]:
+        # numpy's own einsum loops, not BLAS: a multi-threaded BLAS (numpy's OpenBLAS) keeps its
+        # threads spinning for ~100 ms after a product this size (66 x 384 by 384 x 21), CPU
+        # spent after every request for a product that takes 0.1 ms on one thread.
         head = self._heads[spec.name]
         if pooled:
-            logits = mean_pool(hidden, mask) @ head.weight.T + head.bias  # (batch, labels)
+            logits = np.einsum("bh,lh->bl", mean_pool(hidden, mask), head.weight, optimize=False) + head.bias
             return list(logits)
-        logits = hidden @ head.weight.T + head.bias  # (batch, seq, labels)
+        logits = np.einsum("bsh,lh->bsl", hidden, head.weight, optimize=False) + head.bias  # (batch, seq, labels)
         return [logits[r, 1: n + 1] for r, n in enumerate(n_tokens)]  # drop [CLS], [SEP], padding
 
     def _run_rows(self, rows: list[list[int]], spec: TaskSpec, pooled: bool,

@@ -113,6 +113,14 @@ def test_quick_benchmark_runs_and_writes_sane_results(setup: dict[str, Path]) ->
         assert _finite_positive(m["rss_mb"]) and _finite_positive(m["peak_rss_mb"]), m
     assert res["disk"]["bundle_mb"] > 0
 
+    assert set(res["spin"]) == {"off", "on"}
+    for key, x in res["spin"].items():
+        assert x["spin"] is (key == "on"), x  # the session really has the setting asked for
+        for k in ("back_to_back_p50_ms", "analyze_p50_ms", "two_calls_p50_ms", "isolated_p50_ms", "isolated_cpu_ms"):
+            assert _finite_positive(x[k]), (key, k, x)
+    for name in ("spin_cpu", "spin_back_to_back"):
+        assert _finite_positive(res["ratios"][name]["value"]), name
+    assert "## Thread spinning" in (out / "results.md").read_text()
     for s in res["switch"]:
         assert _finite_positive(s["repeat_ms"]) and _finite_positive(s["alternate_ms"]), s
     for name in ("adapter_overhead", "rss_k_over_merged1", "merged_k_over_mtpf", "throughput_b32"):

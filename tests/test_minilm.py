@@ -130,3 +130,52 @@ def test_multi_task_bundle_serves_both_from_one_session(trained: dict) -> None:
     assert {"PER", "LOC"} & {e.label for e in ents}
     assert rt.classify("a wonderful, moving film", task="sst2").label == "positive"
     assert rt.classify("a dull, lifeless and tedious mess", task="sst2").label == "negative"
+
+
+def _wide_ner_bundle(src, dest, n_types: int = 10):
+    """A copy of ``src`` whose NER task has ``n_types`` entity types (2n + 1 BIO labels, as
+    WNUT-16's 10 types give 21) and a random head of that width, the manifest's sha256 updated."""
+    import shutil
+
+    from mtpf_runtime.manifest import sha256_file
+
+    shutil.copytree(src, dest)
+    m = json.loads((dest / "manifest.json").read_text())
+    task = m["tasks"]["conll"]
+    task["labels"] = ["O"] + [f"{p}-T{i}" for i in range(n_types) for p in ("B", "I")]
+    rng = np.random.default_rng(0)
+    np.savez(dest / task["head"], weight=rng.standard_normal((len(task["labels"]), 384)).astype(np.float32) * 0.05,
+             bias=np.zeros(len(task["labels"]), np.float32))
+    m["files"][task["head"]] = sha256_file(dest / task["head"])
+    (dest / "manifest.json").write_text(json.dumps(m, indent=2))
+    return dest
+
+
+def test_no_thread_keeps_working_after_a_request(trained: dict, tmp_path) -> None:
+    """Once a call returns, nothing the Runtime started keeps a core busy.
+
+    ONNX Runtime's worker threads sleep between runs (``spin=False``), and the heads' products
+    do not go through numpy's multi-threaded BLAS, whose threads spin for about 100 ms after a
+    product of this size: CPU a phone would spend after every request. The CPU time of the
+    whole process is read across a pause after each call; no thread of this test runs then.
+    """
+    import os
+    import time
+
+    from mtpf_runtime import Runtime
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: no worker thread to keep spinning")
+    # 21 labels and a full 128-token window: the head product numpy's OpenBLAS threads (CoNLL's
+    # 9 labels stay under its threading threshold).
+    rt = Runtime(_wide_ner_bundle(trained["int8"], tmp_path / "wide"))  # all cores, as an app opens it
+    text = " ".join(" ".join(ex.tokens) for ex in trained["conll"].test[:12])
+    assert len(rt._encode([text])[0].ids) > 126
+    calls = {"tag": lambda: rt.tag(text, task="conll"), "classify": lambda: rt.classify(text, task="sst2"),
+             "analyze": lambda: rt.analyze(text, ["conll", "sst2"])}
+    for name, call in calls.items():
+        call()
+        c0 = time.process_time()
+        time.sleep(0.2)
+        burnt_ms = (time.process_time() - c0) * 1e3
+        assert burnt_ms < 20, f"{name}: the process used {burnt_ms:.0f} ms of CPU in the 200 ms after the call"

@@ -113,6 +113,21 @@ def test_top_session_is_made_once_on_first_multitask_call(bundle: Path) -> None:
     assert floor._top_holder["session"] is made  # views share it
 
 
+def test_worker_threads_sleep_between_runs_unless_spin_is_asked(bundle: Path) -> None:
+    """Both sessions (backbone and top.onnx) carry the setting; it changes no result."""
+    key = "session.intra_op.allow_spinning"
+    quiet, spinning = Runtime(bundle, batch_size=1), Runtime(bundle, batch_size=1, spin=True)
+    out = {}
+    for name, rt in (("quiet", quiet), ("spinning", spinning)):
+        out[name] = rt.analyze(TEXTS, ["ner", "tc"])
+        for sess in (rt._session, rt._top_holder["session"]):
+            assert sess.get_session_options().get_session_config_entry(key) == ("1" if rt is spinning else "0")
+    for task in ("ner", "tc"):
+        _same(out["quiet"][task], out["spinning"][task], 1e-6)
+    with pytest.raises(TypeError, match="spin must be True or False"):
+        Runtime(bundle, spin="no")  # type: ignore[arg-type]
+
+
 def test_top_onnx_changed_after_opening_is_refused(bundle: Path, tmp_path: Path) -> None:
     from mtpf_runtime import BundleError
 
