@@ -340,16 +340,10 @@ def worker_spin(spec: dict, p: Params) -> dict:
         walls.append((time.perf_counter() - t) * 1e3)
         time.sleep(PAUSE_S)
     cpu_ms = (time.process_time() - c0) * 1e3 / p.isolated_rounds
-    return {"spin": rt_spin(rt), "threads": threads, "seq": 64, "task": tn, "back_to_back_p50_ms": back_to_back,
+    return {"spin": rt.spin, "threads": threads, "seq": 64, "task": tn, "back_to_back_p50_ms": back_to_back,
             "analyze_p50_ms": ma, "two_calls_p50_ms": mb, "analyze_ratio": ma / mb,
             "isolated_p50_ms": float(np.median(walls)), "isolated_cpu_ms": cpu_ms, "pause_ms": PAUSE_S * 1e3,
             "n_isolated": p.isolated_rounds}
-
-
-def rt_spin(rt) -> bool:
-    """The spinning setting the backbone session really has (not the one asked for)."""
-    key = "session.intra_op.allow_spinning"
-    return rt._session.get_session_options().get_session_config_entry(key) == "1"
 
 
 WORKERS = {"latency": worker_latency, "memory": worker_memory, "switch": worker_switch, "paired": worker_paired,
@@ -860,7 +854,8 @@ def main(argv: list[str] | None = None) -> int:
                "params": asdict(p), "machine": mach, "tasks": {"order": order, **{k: plan[k] for k in ("tc", "ner")},
                                                               "pair": list(plan["pair"])},
                "latency": latency, "workers": workers, "memory": memory, "disk": disk, "switch": switch,
-               "paired": paired, "multitask": multitask, "spin": spin, "ratios": ratios, "targets": targets, "notes": notes, "errors": run.errors,
+               "paired": paired, "multitask": multitask, "spin": spin, "ratios": ratios, "targets": targets,
+               "notes": notes, "errors": run.errors,
                "elapsed_s": time.time() - t_all}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     notes += plots(results, out)

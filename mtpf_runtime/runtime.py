@@ -154,6 +154,11 @@ class Runtime:
                 for n, t in sorted(self.manifest.tasks.items())]
 
     @property
+    def spin(self) -> bool:
+        """Whether ONNX Runtime's worker threads spin between runs, as the session has it."""
+        return self._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+    @property
     def shares_trunk(self) -> bool:
         """Whether ``analyze``/``run_mixed`` run the unadapted lower layers once per text."""
         return self.manifest.top is not None

@@ -122,6 +122,7 @@ def test_worker_threads_sleep_between_runs_unless_spin_is_asked(bundle: Path) ->
         out[name] = rt.analyze(TEXTS, ["ner", "tc"])
         for sess in (rt._session, rt._top_holder["session"]):
             assert sess.get_session_options().get_session_config_entry(key) == ("1" if rt is spinning else "0")
+        assert rt.spin is (rt is spinning)
     for task in ("ner", "tc"):
         _same(out["quiet"][task], out["spinning"][task], 1e-6)
     with pytest.raises(TypeError, match="spin must be True or False"):
