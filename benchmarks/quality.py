@@ -13,6 +13,11 @@ points. Pick recipes on dev, report test.
 Writes ``results.json`` and ``results.md`` (the table of docs/quantization.md) in ``--out``.
 The checkpoint's tasks must name a registered (../shared/data) or embedded data set in their
 ``dataset`` field, as ``mtpf-adapt`` writes it; other tasks are skipped with a note.
+
+``--checkpoint`` may be given several times: checkpoints with the same backbone weights (the
+one-task folders ``mtpf-compare`` writes for one pre-finetuned encoder, say) go into one bundle
+per recipe, the first exported whole and the others added to it (``mtpf-export --add``), as an
+app shipping all those features would build it. Task names must not repeat across them.
 """
 
 from __future__ import annotations
@@ -68,6 +73,39 @@ def load_task_data(dataset: str, max_eval: int, seed: int = 0) -> Any:
         return tuple(split[i] for i in keep)
 
     return replace(ds, dev=cut(ds.dev), test=cut(ds.test))
+
+
+def checkpoint_tasks(ckpts: Sequence[Path], names: Sequence[str] | None, read_tasks: Any) -> dict[Path, list]:
+    """Each checkpoint's tasks (``names`` picks among all of them), checked before any export:
+    the checkpoints share one backbone and no task name repeats."""
+    from mtpf_runtime.manifest import sha256_file
+
+    ckpts = list(dict.fromkeys(Path(c) for c in ckpts))
+    shas = {}
+    for c in ckpts:
+        f = c / "backbone" / "model.safetensors"
+        if not f.is_file():
+            raise ValueError(f"{c}: not a checkpoint (no backbone/model.safetensors)")
+        shas[c] = sha256_file(f) if len(ckpts) > 1 else ""
+    if len(set(shas.values())) > 1:
+        first = ckpts[0]
+        other = next(c for c in ckpts if shas[c] != shas[first])
+        raise ValueError(f"{other} has other backbone weights than {first} ({shas[other][:12]}… against "
+                         f"{shas[first][:12]}…): one bundle holds tasks of one backbone; run them separately")
+    out, seen = {}, {}
+    for c in ckpts:
+        have = read_tasks(c)
+        keep = [t for t in have if names is None or t.name in names]
+        for t in keep:
+            if t.name in seen:
+                raise ValueError(f"task {t.name!r} is in both {seen[t.name]} and {c}; one bundle holds one "
+                                 f"task of a name (pick with --task)")
+            seen[t.name] = c
+        out[c] = keep
+    missing = sorted(set(names or ()) - set(seen))
+    if missing:
+        raise ValueError(f"--task {missing}: in none of the checkpoints (they have {sorted(seen) or 'none'})")
+    return {c: ts for c, ts in out.items() if ts}
 
 
 def word_tags(entities: Sequence[Any], spans: Sequence[tuple[int, int]]) -> list[str]:
@@ -172,7 +210,9 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mtpf_benchmarks.quality", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, required=True, help="trained checkpoint (mtpf-adapt)")
+    ap.add_argument("--checkpoint", type=Path, action="append", required=True,
+                    help="trained checkpoint (mtpf-adapt); repeat it for checkpoints that share one backbone, "
+                         "whose tasks then go into one bundle")
     ap.add_argument("--out", type=Path, default=Path("runs/quality"))
     ap.add_argument("--recipe", action="append", choices=list(RECIPES),
                     help="recipe to measure (repeatable; default all). fp32 is always measured")
@@ -181,24 +221,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for scoring")
     args = ap.parse_args(argv)
 
-    from mtpf_export.bundle import export_bundle, read_checkpoint_tasks
+    from mtpf_export.bundle import ExportError, export_bundle, read_checkpoint_tasks
     from mtpf_runtime.manifest import read_manifest
 
     t0 = time.time()
+    try:
+        per_ckpt = checkpoint_tasks(args.checkpoint, args.task, read_checkpoint_tasks)
+    except (ExportError, ValueError) as e:
+        print(f"quality: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    notes, tasks = [], {}
-    for t in read_checkpoint_tasks(args.checkpoint, args.task):
-        cfg = json.loads((args.checkpoint / "tasks" / f"{t.name}.json").read_text())
-        dataset = cfg.get("dataset")
-        try:
-            tasks[t.name] = (t.kind, load_task_data(dataset, args.max_eval))
-        except Exception as e:  # noqa: BLE001 - reported, the task is skipped
-            notes.append(f"task {t.name!r} skipped: data set {dataset!r} not loadable ({e})")
+    notes, tasks, owner = [], {}, {}
+    for ckpt, ck_tasks in per_ckpt.items():
+        for t in ck_tasks:
+            cfg = json.loads((ckpt / "tasks" / f"{t.name}.json").read_text())
+            dataset = cfg.get("dataset")
+            try:
+                tasks[t.name] = (t.kind, load_task_data(dataset, args.max_eval))
+                owner[t.name] = ckpt
+            except Exception as e:  # noqa: BLE001 - reported, the task is skipped
+                notes.append(f"task {t.name!r} skipped: data set {dataset!r} not loadable ({e})")
     if not tasks:
         print("quality: no task with a loadable data set", file=sys.stderr)
         return 2
     recipes = ["fp32"] + [r for r in (args.recipe or RECIPES) if r != "fp32"]
-    res: dict[str, Any] = {"checkpoint": str(args.checkpoint), "max_eval": args.max_eval, "notes": notes,
+    label = str(args.checkpoint[0]) if len(args.checkpoint) == 1 else f"{len(per_ckpt)} checkpoints, one backbone"
+    res: dict[str, Any] = {"checkpoint": label, "checkpoints": [str(c) for c in per_ckpt],
+                           "max_eval": args.max_eval, "notes": notes,
                            "tasks": {n: {"kind": k, "dataset": ds.name, "dev": len(ds.dev), "test": len(ds.test)}
                                      for n, (k, ds) in tasks.items()},
                            "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
@@ -208,8 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest = work / name
         t1 = time.time()
         try:
-            export_bundle(args.checkpoint, dest, tasks=list(tasks), ort_format=False, log=lambda *a: None,
-                          **RECIPES[name])
+            for i, ckpt in enumerate(dict.fromkeys(owner.values())):  # checkpoint order, as given
+                export_bundle(ckpt, dest, tasks=[t for t, c in owner.items() if c == ckpt], add_to=i > 0,
+                              ort_format=False, log=lambda *a: None, **RECIPES[name])
         except Exception as e:  # noqa: BLE001 - a recipe that cannot be exported is a result too
             res["recipes"][name] = {"kwargs": RECIPES[name], "error": f"{type(e).__name__}: {e}"}
             print(f"{name}: export failed: {e}", flush=True)

@@ -84,3 +84,61 @@ def test_table_with_only_dev_less_tasks() -> None:
            "recipes": {"fp32": rec(82.0), "int8-all": rec(81.0)}}
     row = next(line for line in markdown(res).splitlines() if line.startswith("| int8-all |"))
     assert row.endswith("| 81.00 (-1.00) |  | 1.00 | no |")
+
+
+def _with_dataset(ckpt: Path, name: str, dataset: str) -> Path:
+    f = ckpt / "tasks" / f"{name}.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "dataset": dataset}))
+    return ckpt
+
+
+def test_tasks_of_several_checkpoints_share_one_bundle(tiny_bert: Path, tmp_path: Path) -> None:
+    """One-task checkpoints of one backbone (mtpf-compare's runs) are scored through one bundle, and each
+    task scores there what it scores in a bundle of its own checkpoint alone."""
+    require_data()
+    a = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "a", tasks={
+        "ner": {"kind": "ner", "labels": CONLL, "adapter": "ner", "layers": (1,), "rank": 4}}), "ner", "conll2003")
+    b = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "b", seed=1, tasks={
+        "tc": {"kind": "tc", "labels": TREC, "adapter": "tc", "layers": (1,), "rank": 4}}), "tc", "trec")
+    out = tmp_path / "study"
+    assert main(["--checkpoint", str(a), "--checkpoint", str(b), "--out", str(out), "--max-eval", "40",
+                 "--recipe", "int8-all-emb8"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["checkpoints"] == [str(a), str(b)]
+    assert set(res["tasks"]) == {"ner", "tc"}
+    ds = {"ner": load_task_data("conll2003", 40), "tc": load_task_data("trec", 40)}
+    for name, ckpt in (("ner", a), ("tc", b)):
+        alone = tmp_path / f"alone_{name}"
+        export_bundle(ckpt, alone, precision="fp32", ort_format=False, log=lambda *a: None)
+        rt = Runtime(alone)
+        if name == "tc":
+            got = rt.classify([ex.text for ex in ds["tc"].test], task="tc")
+            want = 100.0 * float(np.mean([g.label == ex.label for g, ex in zip(got, ds["tc"].test)]))
+        else:
+            from mtpf_benchmarks.quality import score_ner
+            want = score_ner(rt, "ner", ds["ner"].test)
+        assert res["recipes"]["fp32"]["scores"][name]["test"] == pytest.approx(want)
+        assert 0.0 <= res["recipes"]["int8-all-emb8"]["scores"][name]["test"] <= 100.0
+
+
+def test_several_checkpoints_are_refused_before_any_export(tiny_bert: Path, tiny_distilbert: Path,
+                                                           tmp_path: Path, capsys) -> None:
+    tc = {"tc": {"kind": "tc", "labels": TREC, "adapter": None}}
+    a = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "a", tasks=tc), "tc", "trec")
+    same_name = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "b", tasks=tc), "tc", "trec")
+    other = _with_dataset(make_checkpoint(tiny_distilbert, tmp_path / "c", tasks={
+        "tc2": {"kind": "tc", "labels": TREC, "adapter": None}}), "tc2", "trec")
+    cases = [
+        ([a, other], "other backbone weights"),
+        ([a, same_name], "task 'tc' is in both"),
+        ([a], "--task ['nope']: in none of the checkpoints"),
+        ([a, tmp_path / "missing"], "not a checkpoint"),
+    ]
+    for i, (ckpts, message) in enumerate(cases):
+        argv = [x for c in ckpts for x in ("--checkpoint", str(c))] + ["--out", str(tmp_path / f"o{i}"),
+                                                                       "--recipe", "int8-all"]
+        if "--task" in message:
+            argv += ["--task", "nope"]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / f"o{i}").exists()  # refused before anything was written
