@@ -257,12 +257,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest = work / name
         t1 = time.time()
         try:
-            for i, ckpt in enumerate(dict.fromkeys(owner.values())):  # checkpoint order, as given
+            order = list(dict.fromkeys(owner.values()))  # checkpoint order, as given
+            for i, ckpt in enumerate(order):  # the first build carries every later task's LoRA slots
                 export_bundle(ckpt, dest, tasks=[t for t, c in owner.items() if c == ckpt], add_to=i > 0,
-                              ort_format=False, log=lambda *a: None, **RECIPES[name])
+                              slots_for=order[1:] if i == 0 else (), ort_format=False, log=lambda *a: None,
+                              **RECIPES[name])
         except Exception as e:  # noqa: BLE001 - a recipe that cannot be exported is a result too
             res["recipes"][name] = {"kwargs": RECIPES[name], "error": f"{type(e).__name__}: {e}"}
             print(f"{name}: export failed: {e}", flush=True)
+            res["seconds"] = time.time() - t0
+            (args.out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+            if name == "fp32":  # every gap is taken against it: nothing else can be scored
+                print(f"quality: the fp32 reference could not be exported ({e}); see {args.out / 'results.json'}",
+                      file=sys.stderr)
+                return 1
             continue
         scores = evaluate_recipe(dest, tasks, args.threads)
         q = read_manifest(dest).quantization

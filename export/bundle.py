@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -375,12 +376,15 @@ def export_bundle(
     ckpt: Path, out: Path, *, precision: str = "int8", scheme: str = "per-channel",
     tasks: list[str] | None = None, add_to: bool = False, sample_texts: list[str] | None = None,
     ort_format: bool = True, keep_fp32: str = DEFAULT_FP32, embeddings: str = DEFAULT_EMBEDDINGS, log=print,
+    slots_for: Sequence[Path] = (),
 ) -> Manifest:
     """Export ``tasks`` of checkpoint ``ckpt`` to bundle ``out``.
 
     ``add_to``: add (or replace) these tasks in the existing bundle ``out`` without
     rebuilding its backbone; the checkpoint's backbone weights must be the ones the
     bundle was built from.
+    ``slots_for``: other checkpoints whose tasks will be added later; the new backbone also
+    carries the LoRA slots their adapters use, so those adds need no rebuild.
     INT8 recipe: ``scheme`` (per-channel, per-tensor, static), ``keep_fp32`` (see
     ``fp32_keep_nodes``), ``embeddings`` (fp32 or int8 per-row word-embedding table).
     """
@@ -431,7 +435,11 @@ def export_bundle(
             m = base
             fp32_model = None
         else:
-            slots = sorted({s for lora in loras.values() if lora for s in lora})
+            slots = {s for lora in loras.values() if lora for s in lora}
+            for other in slots_for:
+                for t in read_checkpoint_tasks(Path(other)):
+                    slots |= set(read_lora(Path(other), t.adapter, model_type)) if t.adapter else set()
+            slots = sorted(slots)
             # The shared trunk ends where the first adapted layer begins; with an adapter on
             # layer 0 (or none at all) there is nothing to share.
             split = min(layer for layer, _ in slots) if slots else None

@@ -94,17 +94,19 @@ def _with_dataset(ckpt: Path, name: str, dataset: str) -> Path:
 
 def test_tasks_of_several_checkpoints_share_one_bundle(tiny_bert: Path, tmp_path: Path) -> None:
     """One-task checkpoints of one backbone (mtpf-compare's runs) are scored through one bundle, and each
-    task scores there what it scores in a bundle of its own checkpoint alone."""
+    task scores there what it scores in a bundle of its own checkpoint alone. The first checkpoint's
+    task has no adapter: the bundle is built with the LoRA slots the later ones need."""
     require_data()
     a = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "a", tasks={
         "ner": {"kind": "ner", "labels": CONLL, "adapter": "ner", "layers": (1,), "rank": 4}}), "ner", "conll2003")
     b = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "b", seed=1, tasks={
-        "tc": {"kind": "tc", "labels": TREC, "adapter": "tc", "layers": (1,), "rank": 4}}), "tc", "trec")
+        "tc": {"kind": "tc", "labels": TREC, "adapter": None}}), "tc", "trec")
     out = tmp_path / "study"
-    assert main(["--checkpoint", str(a), "--checkpoint", str(b), "--out", str(out), "--max-eval", "40",
+    assert main(["--checkpoint", str(b), "--checkpoint", str(a), "--out", str(out), "--max-eval", "40",
                  "--recipe", "int8-all-emb8"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["checkpoints"] == [str(a), str(b)]
+    assert res["checkpoints"] == [str(b), str(a)]
+    assert "error" not in res["recipes"]["int8-all-emb8"]
     assert set(res["tasks"]) == {"ner", "tc"}
     ds = {"ner": load_task_data("conll2003", 40), "tc": load_task_data("trec", 40)}
     for name, ckpt in (("ner", a), ("tc", b)):
@@ -142,3 +144,16 @@ def test_several_checkpoints_are_refused_before_any_export(tiny_bert: Path, tiny
         assert main(argv) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / f"o{i}").exists()  # refused before anything was written
+
+
+def test_failed_fp32_reference_is_an_error_not_a_table(tiny_bert: Path, tmp_path: Path, capsys) -> None:
+    """With no fp32 bundle there is nothing to take gaps against: exit 1, say why, keep results.json."""
+    require_data()
+    ckpt = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "c", tasks={
+        "tc": {"kind": "tc", "labels": TREC, "adapter": None}}), "tc", "trec")
+    (ckpt / "backbone" / "tokenizer.json").write_text("{}")  # a broken tokenizer: no export can succeed
+    out = tmp_path / "o"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--max-eval", "20", "--recipe", "int8-all"]) == 1
+    assert "the fp32 reference could not be exported" in capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert "error" in res["recipes"]["fp32"] and "int8-all" not in res["recipes"]
