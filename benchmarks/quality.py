@@ -265,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - a recipe that cannot be exported is a result too
             res["recipes"][name] = {"kwargs": RECIPES[name], "error": f"{type(e).__name__}: {e}"}
             print(f"{name}: export failed: {e}", flush=True)
+            shutil.rmtree(dest, ignore_errors=True)  # a bundle holding only the tasks added before the failure
             res["seconds"] = time.time() - t0
             (args.out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
             if name == "fp32":  # every gap is taken against it: nothing else can be scored
