@@ -157,3 +157,27 @@ def test_failed_fp32_reference_is_an_error_not_a_table(tiny_bert: Path, tmp_path
     assert "the fp32 reference could not be exported" in capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert "error" in res["recipes"]["fp32"] and "int8-all" not in res["recipes"]
+
+
+def test_every_int8_recipe_names_its_embedding_table() -> None:
+    """A recipe's name says its embeddings ("-emb8": INT8 rows, else fp32); none may fall back to
+    export's default, which is INT8 and would turn an fp32-embedding recipe into an -emb8 one."""
+    from mtpf_benchmarks.quality import RECIPES
+
+    for name, kw in RECIPES.items():
+        if name == "fp32":
+            continue
+        assert kw.get("embeddings") == ("int8" if name.endswith("-emb8") else "fp32"), name
+
+
+def test_fp32_embedding_recipe_ships_fp32_embeddings(tiny_bert: Path, tmp_path: Path) -> None:
+    from mtpf_benchmarks.quality import RECIPES
+    from mtpf_runtime.manifest import read_manifest
+
+    ckpt = make_checkpoint(tiny_bert, tmp_path / "c", tasks={"tc": {"kind": "tc", "labels": TREC, "adapter": None}})
+    sizes = {}
+    for name in ("int8-all", "int8-all-emb8"):
+        export_bundle(ckpt, tmp_path / name, ort_format=False, log=lambda *a: None, **RECIPES[name])
+        sizes[name] = (tmp_path / name / "backbone.onnx").stat().st_size
+        assert read_manifest(tmp_path / name).quantization.get("embeddings") == RECIPES[name]["embeddings"]
+    assert sizes["int8-all-emb8"] < sizes["int8-all"]
