@@ -78,9 +78,10 @@ def load_task_data(dataset: str, max_eval: int, seed: int = 0) -> Any:
     return replace(ds, dev=cut(ds.dev), test=cut(ds.test))
 
 
-def checkpoint_tasks(ckpts: Sequence[Path], names: Sequence[str] | None, read_tasks: Any) -> dict[Path, list]:
+def checkpoint_tasks(ckpts: Sequence[Path], names: Sequence[str] | None) -> dict[Path, list]:
     """Each checkpoint's tasks (``names`` picks among all of them), checked before any export:
     the checkpoints share one backbone and no task name repeats."""
+    from mtpf_export.bundle import read_checkpoint_tasks
     from mtpf_runtime.manifest import sha256_file
 
     ckpts = list(dict.fromkeys(Path(c) for c in ckpts))
@@ -97,7 +98,7 @@ def checkpoint_tasks(ckpts: Sequence[Path], names: Sequence[str] | None, read_ta
                          f"{shas[first][:12]}…): one bundle holds tasks of one backbone; run them separately")
     out, seen = {}, {}
     for c in ckpts:
-        have = read_tasks(c)
+        have = read_checkpoint_tasks(c)
         keep = [t for t in have if names is None or t.name in names]
         for t in keep:
             if t.name in seen:
@@ -224,12 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for scoring")
     args = ap.parse_args(argv)
 
-    from mtpf_export.bundle import ExportError, export_bundle, read_checkpoint_tasks
+    from mtpf_export.bundle import ExportError, export_bundle
     from mtpf_runtime.manifest import read_manifest
 
     t0 = time.time()
     try:
-        per_ckpt = checkpoint_tasks(args.checkpoint, args.task, read_checkpoint_tasks)
+        per_ckpt = checkpoint_tasks(args.checkpoint, args.task)
     except (ExportError, ValueError) as e:
         print(f"quality: {e}", file=sys.stderr)
         return 2
@@ -256,13 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
                            "recipes": {}}
     work = args.out / "bundles"
+    # the scored tasks by checkpoint, in the order given; the first build carries every later task's LoRA slots
+    groups = {c: [t for t, o in owner.items() if o == c] for c in dict.fromkeys(owner.values())}
+    order = list(groups)
     for name in recipes:
         dest = work / name
         t1 = time.time()
         try:
-            order = list(dict.fromkeys(owner.values()))  # checkpoint order, as given
-            for i, ckpt in enumerate(order):  # the first build carries every later task's LoRA slots
-                export_bundle(ckpt, dest, tasks=[t for t, c in owner.items() if c == ckpt], add_to=i > 0,
+            for i, ckpt in enumerate(order):
+                export_bundle(ckpt, dest, tasks=groups[ckpt], add_to=i > 0,
                               slots_for=order[1:] if i == 0 else (), ort_format=False, log=lambda *a: None,
                               **RECIPES[name])
         except Exception as e:  # noqa: BLE001 - a recipe that cannot be exported is a result too

@@ -13,13 +13,19 @@ pytest.importorskip("seqeval")
 
 from ckpt_factory import make_checkpoint  # noqa: E402
 from conftest import require_data  # noqa: E402
-from mtpf_benchmarks.quality import load_task_data, main, word_tags  # noqa: E402
+from mtpf_benchmarks.quality import load_task_data, main, score_ner, score_tc, word_tags  # noqa: E402
 from mtpf_export.bundle import export_bundle  # noqa: E402
 from mtpf_runtime import Runtime  # noqa: E402
 from mtpf_runtime.decode import Entity  # noqa: E402
 
 CONLL = ["O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
 TREC = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+def _with_dataset(ckpt: Path, name: str, dataset: str) -> Path:
+    f = ckpt / "tasks" / f"{name}.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "dataset": dataset}))
+    return ckpt
 
 
 def test_word_tags_maps_entities_back_to_words() -> None:
@@ -40,8 +46,7 @@ def test_study_end_to_end_scores_what_the_runtime_returns(tiny_bert: Path, tmp_p
              "tc": {"kind": "tc", "labels": TREC, "adapter": None}}
     ckpt = make_checkpoint(tiny_bert, tmp_path / "ckpt", tasks=tasks)
     for name, dataset in (("ner", "conll2003"), ("tc", "trec")):
-        f = ckpt / "tasks" / f"{name}.json"
-        f.write_text(json.dumps({**json.loads(f.read_text()), "dataset": dataset}))
+        _with_dataset(ckpt, name, dataset)
     out = tmp_path / "study"
     assert main(["--checkpoint", str(ckpt), "--out", str(out), "--max-eval", "40",
                  "--recipe", "int8-all-emb8"]) == 0
@@ -86,12 +91,6 @@ def test_table_with_only_dev_less_tasks() -> None:
     assert row.endswith("| 81.00 (-1.00) |  | 1.00 | no |")
 
 
-def _with_dataset(ckpt: Path, name: str, dataset: str) -> Path:
-    f = ckpt / "tasks" / f"{name}.json"
-    f.write_text(json.dumps({**json.loads(f.read_text()), "dataset": dataset}))
-    return ckpt
-
-
 def test_tasks_of_several_checkpoints_share_one_bundle(tiny_bert: Path, tmp_path: Path) -> None:
     """One-task checkpoints of one backbone (mtpf-compare's runs) are scored through one bundle, and each
     task scores there what it scores in a bundle of its own checkpoint alone. The first checkpoint's
@@ -112,13 +111,7 @@ def test_tasks_of_several_checkpoints_share_one_bundle(tiny_bert: Path, tmp_path
     for name, ckpt in (("ner", a), ("tc", b)):
         alone = tmp_path / f"alone_{name}"
         export_bundle(ckpt, alone, precision="fp32", ort_format=False, log=lambda *a: None)
-        rt = Runtime(alone)
-        if name == "tc":
-            got = rt.classify([ex.text for ex in ds["tc"].test], task="tc")
-            want = 100.0 * float(np.mean([g.label == ex.label for g, ex in zip(got, ds["tc"].test)]))
-        else:
-            from mtpf_benchmarks.quality import score_ner
-            want = score_ner(rt, "ner", ds["ner"].test)
+        want = (score_tc if name == "tc" else score_ner)(Runtime(alone), name, ds[name].test)
         assert res["recipes"]["fp32"]["scores"][name]["test"] == pytest.approx(want)
         assert 0.0 <= res["recipes"]["int8-all-emb8"]["scores"][name]["test"] <= 100.0
 
