@@ -50,6 +50,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "int8-auto6": {"keep_fp32": "auto:6", "embeddings": "fp32"},
     "int8-auto6-emb8": {"keep_fp32": "auto:6", "embeddings": "int8"},
     "int8-auto8-emb8": {"keep_fp32": "auto:8", "embeddings": "int8"},
+    "int8-auto12-emb8": {"keep_fp32": "auto:12", "embeddings": "int8"},
+    # per-token: each token's activations get their own INT8 scale (export/quantize.py)
+    "int8-tok-all-emb8": {"scheme": "per-token", "keep_fp32": "none", "embeddings": "int8"},
+    "int8-tok-auto6-emb8": {"scheme": "per-token", "keep_fp32": "auto:6", "embeddings": "int8"},
     "static-all": {"scheme": "static", "keep_fp32": "none", "embeddings": "fp32"},
     "static-ffn": {"scheme": "static", "keep_fp32": "ffn", "embeddings": "fp32"},
 }
@@ -184,7 +188,9 @@ def markdown(res: dict[str, Any]) -> str:
     tasks = res["tasks"]
     ref = res["recipes"]["fp32"]
     lines = [f"Checkpoint `{res['checkpoint']}`; dev/test cut to {res['max_eval']} examples each (seeded); "
-             f"{res['machine']}; {res['seconds']:.0f} s in all.", "",
+             f"{res['machine']}; {res['seconds']:.0f} s in all."
+             + (f" Sample texts for auto:N: the built-in ones and {res['sample_file']['texts']} from "
+                f"`{res['sample_file']['path']}`." if res.get("sample_file") else ""), "",
              "Test metric per task (F1 for NER, accuracy for TC), and in brackets the gap to the fp32 export "
              f"in points. `worst dev` / `worst test`: the largest loss over the tasks; bound {BOUND}. "
              "`seq-128 ms`: one 128-piece request, batch 1, 1 thread, median of 30, measured while "
@@ -223,12 +229,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--task", action="append", help="only these tasks (default: all with a known data set)")
     ap.add_argument("--max-eval", type=int, default=1000, help="dev and test examples per task (seeded cut)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for scoring")
+    ap.add_argument("--sample-file", type=Path,
+                    help="texts (one per line, UTF-8) added to the export's built-in sample texts, as "
+                         "mtpf-export --sample-file: they rank the MatMuls for auto:N and calibrate static")
     args = ap.parse_args(argv)
 
     from mtpf_export.bundle import ExportError, export_bundle
     from mtpf_runtime.manifest import read_manifest
 
     t0 = time.time()
+    samples = None
+    if args.sample_file:
+        try:
+            samples = [ln for ln in args.sample_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"quality: cannot read --sample-file {args.sample_file}: {e}", file=sys.stderr)
+            return 2
+        if not samples:
+            print(f"quality: --sample-file {args.sample_file} has no text", file=sys.stderr)
+            return 2
     try:
         per_ckpt = checkpoint_tasks(args.checkpoint, args.task)
     except (ExportError, ValueError) as e:
@@ -252,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     label = str(args.checkpoint[0]) if len(args.checkpoint) == 1 else f"{len(per_ckpt)} checkpoints, one backbone"
     res: dict[str, Any] = {"checkpoint": label, "checkpoints": [str(c) for c in per_ckpt],
                            "max_eval": args.max_eval, "notes": notes,
+                           "sample_file": None if samples is None else
+                           {"path": str(args.sample_file), "texts": len(samples)},
                            "tasks": {n: {"kind": k, "dataset": ds.name, "dev": len(ds.dev), "test": len(ds.test)}
                                      for n, (k, ds) in tasks.items()},
                            "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
@@ -267,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, ckpt in enumerate(order):
                 export_bundle(ckpt, dest, tasks=groups[ckpt], add_to=i > 0,
                               slots_for=order[1:] if i == 0 else (), ort_format=False, log=lambda *a: None,
-                              **RECIPES[name])
+                              sample_texts=samples, **RECIPES[name])
         except Exception as e:  # noqa: BLE001 - a recipe that cannot be exported is a result too
             res["recipes"][name] = {"kwargs": RECIPES[name], "error": f"{type(e).__name__}: {e}"}
             print(f"{name}: export failed: {e}", flush=True)

@@ -385,7 +385,7 @@ def export_bundle(
     bundle was built from.
     ``slots_for``: other checkpoints whose tasks will be added later; the new backbone also
     carries the LoRA slots their adapters use, so those adds need no rebuild.
-    INT8 recipe: ``scheme`` (per-channel, per-tensor, static), ``keep_fp32`` (see
+    INT8 recipe: ``scheme`` (per-channel, per-tensor, static, per-token), ``keep_fp32`` (see
     ``fp32_keep_nodes``), ``embeddings`` (fp32 or int8 per-row word-embedding table).
     """
     ckpt, out = Path(ckpt), Path(out)
@@ -453,7 +453,8 @@ def export_bundle(
             if precision == "int8":
                 n_layers = cfg.get("num_hidden_layers", cfg.get("n_layers"))
                 feeds = _calibration_feeds(stage / "tokenizer.json", samples, special, cfg["max_position_embeddings"])
-                errors = matmul_errors(fp32_model, feeds) if keep_fp32.startswith("auto:") else None
+                errors = (matmul_errors(fp32_model, feeds, per_token=scheme == "per-token")
+                          if keep_fp32.startswith("auto:") else None)
                 keep = fp32_keep_nodes(model_type, n_layers, keep_fp32, errors=errors)
             for fname, graph in graphs.items():
                 if precision != "int8":

@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ort-format", action="store_true",
                    help="skip mobile/*.ort (ONNX Runtime Mobile format copies of the graphs)")
     p.add_argument("--sample-file", type=Path,
-                   help="extra texts (one per line, UTF-8) for the export's torch-parity self-check")
+                   help="extra texts (one per line, UTF-8), added to the built-in sample texts: they rank the "
+                        "MatMuls for --keep-fp32 auto:N, calibrate --quantization static, and feed the "
+                        "torch-parity self-check. Texts like the app's own make auto:N keep the MatMuls "
+                        "that matter for them")
     return p
 
 

@@ -9,6 +9,11 @@ Weights:
   the result is checked for every LoRA input before it is accepted.
 * ``static``: ``quantize_static`` in QDQ format, per-channel weights and INT8 activation
   ranges calibrated (min/max) on sample feeds.
+* ``per-token``: INT8 weights per output column as ``per-channel``, and each token's activation
+  row quantized with its own uint8 scale and zero point at run time (``quantize_per_token``).
+  ONNX Runtime's dynamic kernels take one activation scale for the whole input tensor, so there
+  a text's result depends on the other texts of its batch and on their padding; per token it
+  does not, and one outlier token costs only its own row's resolution.
 
 Embeddings: ``quantize_embeddings`` stores the word-embedding table as INT8 with one fp32
 scale per row (Gather int8 rows and their scales, Cast, Mul). ``quantize_dynamic`` can only
@@ -33,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph import lora_input_names, lora_node_names
 
-SCHEMES = ("per-channel", "per-tensor", "static")
+SCHEMES = ("per-channel", "per-tensor", "static", "per-token")
 WORD_EMBEDDINGS = "emb.word"  # the graph builder's name for the word-embedding table
 
 
@@ -88,6 +93,8 @@ def _quantize(fp32: onnx.ModelProto, out_path: Path, scheme: str, excluded: list
                 extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False},
                 calibration_cache_path=str(Path(tmp) / "calib"),
             )
+        elif scheme == "per-token":
+            onnx.save(quantize_per_token(fp32, excluded), str(out_path))
         else:
             quantize_dynamic(
                 str(src), str(out_path),
@@ -165,8 +172,9 @@ def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-
     if scheme == "static":
         n_int8 = sum(1 for n in q.graph.node if n.op_type == "MatMul" and n.name not in excluded
                      and any(i.endswith("_DequantizeLinear_Output") for i in n.input))
-    method = "onnxruntime.quantize_static (QDQ, min/max calibration)" if scheme == "static" \
-        else "onnxruntime.quantize_dynamic"
+    method = {"static": "onnxruntime.quantize_static (QDQ, min/max calibration)",
+              "per-token": "mtpf per-token dynamic (uint8 activations per token, MatMulInteger)"}.get(
+        scheme, "onnxruntime.quantize_dynamic")
     return {"method": method, "scheme": scheme, "weight_type": "int8", "ops": ["MatMul"],
             "embeddings": embeddings, "embedding_bytes_saved": saved,
             "fp32_kept": ["LoRA MatMuls", "attention score MatMuls"] + (["embeddings"] if embeddings == "fp32" else []),
@@ -181,11 +189,17 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
             if n.op_type == "MatMul" and n.name not in lora and n.input[1] in consts]
 
 
-def _dyn_int8_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _dyn_int8_matmul(x: np.ndarray, w: np.ndarray, per_token: bool = False) -> np.ndarray:
     """What DynamicQuantizeMatMul computes: uint8 activations (one asymmetric scale per
-    run) times int8 weights (symmetric, one scale per output column)."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    sx = (hi - lo) / 255.0 or 1.0
+    run, or per row of ``x`` with ``per_token``) times int8 weights (symmetric, one scale per
+    output column)."""
+    if per_token:
+        lo = np.minimum(x.min(axis=-1, keepdims=True), 0.0)
+        hi = np.maximum(x.max(axis=-1, keepdims=True), 0.0)
+        sx = np.maximum((hi - lo) / 255.0, _MIN_SCALE)
+    else:
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        sx = (hi - lo) / 255.0 or 1.0
     zx = np.clip(np.rint(-lo / sx), 0, 255)
     xq = np.clip(np.rint(x / sx) + zx, 0, 255)
     sw = np.abs(w).max(axis=0, keepdims=True) / 127.0
@@ -194,9 +208,11 @@ def _dyn_int8_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return ((xq - zx) @ wq) * sx * sw
 
 
-def matmul_errors(fp32: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def matmul_errors(fp32: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+                  per_token: bool = False) -> dict[str, float]:
     """Relative output error ``|Y_int8 - Y| / |Y|`` of each weight MatMul quantized alone,
-    on the activations the fp32 graph produces for ``feeds`` (one run per feed)."""
+    on the activations the fp32 graph produces for ``feeds`` (one run per feed), under the
+    per-tensor activation scale of ``quantize_dynamic`` or, with ``per_token``, one per token."""
     import onnxruntime as ort
 
     names = weight_matmuls(fp32)
@@ -222,6 +238,103 @@ def matmul_errors(fp32: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> 
             x = acts[node[n].input[0]][mask]  # real tokens only, (tokens, in)
             w = numpy_helper.to_array(weights[node[n].input[1]])
             y = x @ w
-            err_num[n] += float(np.square(_dyn_int8_matmul(x, w) - y).sum())
+            err_num[n] += float(np.square(_dyn_int8_matmul(x, w, per_token) - y).sum())
             err_den[n] += float(np.square(y).sum())
     return {n: float(np.sqrt(err_num[n] / max(err_den[n], 1e-30))) for n in names}
+
+
+_MIN_SCALE = 1e-12  # the activation scale of an all-zero row; any positive value gives q = zero point
+
+
+def quantize_per_token(fp32: onnx.ModelProto, excluded: list[str]) -> onnx.ModelProto:
+    """Per-token dynamic INT8 of every weight MatMul not in ``excluded`` (a new model).
+
+    For ``Y = X @ W`` (X ``[..., K]``, W ``[K, N]``): W becomes INT8 with one symmetric scale
+    ``sw`` per output column. At run time each row x of X (one token) gets its own asymmetric
+    uint8 scale and zero point from its min and max (both widened to include 0, as ONNX
+    Runtime's DynamicQuantizeLinear does per tensor): ``s = (hi - lo) / 255``,
+    ``z = round(-lo / s)``, ``q = clip(round(x / s) + z, 0, 255)``. Then
+    ``Y = s * sw * (q @ Wq - z * colsum(Wq))``: ``MatMulInteger`` computes ``q @ Wq`` in int32
+    and the zero point's share is taken off with the column sums (a constant), because
+    ``MatMulInteger`` takes no zero point per row of an N-d input. MatMuls that share an
+    input (query, key and value) share its quantization. Standard ONNX operators only (opset
+    13+), so ONNX Runtime Mobile runs it.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(fp32)
+    g = model.graph
+    targets = set(weight_matmuls(model)) - set(excluded)
+    inits = {t.name: t for t in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    consts = [numpy_helper.from_array(np.array(v, dtype=np.float32), name) for name, v in
+              (("ptq.zero", 0.0), ("ptq.inv255", 1.0 / 255.0), ("ptq.min_scale", _MIN_SCALE), ("ptq.u8max", 255.0))]
+    g.initializer.extend(consts)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 13:
+        raise ValueError(f"per-token quantization needs opset 13 or later (Clip with min/max inputs), got {opset}")
+    if opset >= 18:  # ReduceMax/ReduceMin take their axes as an input from opset 18
+        g.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "ptq.last_axis"))
+
+    def reduce(op: str, x: str, out: str) -> onnx.NodeProto:
+        if opset >= 18:
+            return helper.make_node(op, [x, "ptq.last_axis"], [out], name=out, keepdims=1)
+        return helper.make_node(op, [x], [out], name=out, axes=[-1], keepdims=1)
+
+    quantized: dict[str, tuple[str, str, str]] = {}  # input -> (uint8 q, scale, zero point) tensors
+    weights_done: set[str] = set()
+    nodes: list[onnx.NodeProto] = []
+    for node in g.node:
+        if node.name not in targets:
+            nodes.append(node)
+            continue
+        x, wname = node.input
+        if x not in quantized:
+            p = f"ptq.{len(quantized)}"
+            nodes += [
+                reduce("ReduceMax", x, f"{p}.max"),
+                reduce("ReduceMin", x, f"{p}.min"),
+                helper.make_node("Max", [f"{p}.max", "ptq.zero"], [f"{p}.hi"], name=f"{p}.hi"),
+                helper.make_node("Min", [f"{p}.min", "ptq.zero"], [f"{p}.lo"], name=f"{p}.lo"),
+                helper.make_node("Sub", [f"{p}.hi", f"{p}.lo"], [f"{p}.range"], name=f"{p}.range"),
+                helper.make_node("Mul", [f"{p}.range", "ptq.inv255"], [f"{p}.s0"], name=f"{p}.s0"),
+                helper.make_node("Max", [f"{p}.s0", "ptq.min_scale"], [f"{p}.s"], name=f"{p}.s"),
+                helper.make_node("Div", [f"{p}.lo", f"{p}.s"], [f"{p}.lo_s"], name=f"{p}.lo_s"),
+                helper.make_node("Neg", [f"{p}.lo_s"], [f"{p}.zneg"], name=f"{p}.zneg"),
+                helper.make_node("Round", [f"{p}.zneg"], [f"{p}.z"], name=f"{p}.z"),
+                helper.make_node("Div", [x, f"{p}.s"], [f"{p}.xs"], name=f"{p}.xs"),
+                helper.make_node("Round", [f"{p}.xs"], [f"{p}.xr"], name=f"{p}.xr"),
+                helper.make_node("Add", [f"{p}.xr", f"{p}.z"], [f"{p}.xz"], name=f"{p}.xz"),
+                helper.make_node("Clip", [f"{p}.xz", "ptq.zero", "ptq.u8max"], [f"{p}.xc"], name=f"{p}.xc"),
+                helper.make_node("Cast", [f"{p}.xc"], [f"{p}.q"], name=f"{p}.q", to=TensorProto.UINT8),
+            ]
+            quantized[x] = (f"{p}.q", f"{p}.s", f"{p}.z")
+        q, sx, zx = quantized[x]
+        if wname not in weights_done:  # a weight two MatMuls share is stored once
+            w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+            sw = np.abs(w).max(axis=0) / 127.0
+            sw[sw == 0] = 1.0
+            wq = np.clip(np.rint(w / sw), -127, 127).astype(np.int8)
+            colsum = wq.astype(np.int64).sum(axis=0).astype(np.float32)
+            g.initializer.extend([numpy_helper.from_array(wq, f"{wname}.int8"),
+                                  numpy_helper.from_array(sw.astype(np.float32), f"{wname}.wscale"),
+                                  numpy_helper.from_array(colsum, f"{wname}.colsum")])
+            weights_done.add(wname)
+        m = node.name
+        uses[wname] -= 1
+        if uses[wname] == 0:
+            g.initializer.remove(inits[wname])
+        nodes += [
+            helper.make_node("MatMulInteger", [q, f"{wname}.int8"], [f"{m}.acc"], name=f"{m}.int8"),
+            helper.make_node("Cast", [f"{m}.acc"], [f"{m}.accf"], name=f"{m}.accf", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [zx, f"{wname}.colsum"], [f"{m}.zcorr"], name=f"{m}.zcorr"),
+            helper.make_node("Sub", [f"{m}.accf", f"{m}.zcorr"], [f"{m}.centred"], name=f"{m}.centred"),
+            helper.make_node("Mul", [sx, f"{wname}.wscale"], [f"{m}.scale"], name=f"{m}.scale"),
+            helper.make_node("Mul", [f"{m}.centred", f"{m}.scale"], [node.output[0]], name=m),
+        ]
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model

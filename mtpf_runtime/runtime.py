@@ -261,7 +261,12 @@ class Runtime:
     def token_logits(self, token_ids: Sequence[Sequence[int]], task: str) -> list[np.ndarray]:
         """Per-token head outputs for already tokenised rows (without [CLS]/[SEP])."""
         spec = self._spec(task, "ner")
-        return self._run_rows([list(r) for r in token_ids], spec, pooled=False)
+        rows = [list(r) for r in token_ids]
+        long = next((i for i, r in enumerate(rows) if len(r) > spec.max_length - 2), None)
+        if long is not None:
+            raise InputError(f"token_logits: row {long} has {len(rows[long])} tokens; task {task!r} takes at most "
+                             f"{spec.max_length - 2} (max_length {spec.max_length} less [CLS] and [SEP])")
+        return self._run_rows(rows, spec, pooled=False)
 
     # ---------------------------------------------------------------- stages
     def _spec(self, task: str, kind: str | None) -> TaskSpec:

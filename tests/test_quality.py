@@ -161,6 +161,41 @@ def test_every_int8_recipe_names_its_embedding_table() -> None:
         if name == "fp32":
             continue
         assert kw.get("embeddings") == ("int8" if name.endswith("-emb8") else "fp32"), name
+        assert ("-tok-" in name) == (kw.get("scheme") == "per-token"), name
+        if "-auto" in name:
+            assert kw["keep_fp32"] == "auto:" + name.split("-auto")[1].split("-")[0], name
+
+
+def test_sample_file_ranks_the_matmuls_of_every_recipe(tiny_bert: Path, tmp_path: Path, capsys) -> None:
+    """--sample-file reaches the export: the MatMuls a recipe keeps are the ones mtpf-export
+    keeps with the same texts. A bad file is refused before anything is written."""
+    from mtpf_benchmarks.quality import RECIPES
+    from mtpf_runtime.manifest import read_manifest
+
+    require_data()
+    ckpt = _with_dataset(make_checkpoint(tiny_bert, tmp_path / "c", tasks={"tc": {"kind": "tc", "labels": TREC,
+                                                                                  "adapter": None}}), "tc", "trec")
+    texts = ["@user lol ZZZZZZ 1234567890 #### !!!! ????", "http://t.co/xYz0 RT RT RT 999999999"] * 3
+    (tmp_path / "s.txt").write_text("\n".join(texts) + "\n\n", encoding="utf-8")
+    out = tmp_path / "q"
+    assert main(["--checkpoint", str(ckpt), "--out", str(out), "--max-eval", "20", "--recipe", "int8-tok-auto6-emb8",
+                 "--sample-file", str(tmp_path / "s.txt")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["sample_file"] == {"path": str(tmp_path / "s.txt"), "texts": len(texts)}
+    assert f"{len(texts)} from" in (out / "results.md").read_text()
+    kept = {}
+    for name, samples in (("with", texts), ("without", None)):
+        export_bundle(ckpt, tmp_path / name, ort_format=False, log=lambda *a: None, sample_texts=samples,
+                      **RECIPES["int8-tok-auto6-emb8"])
+        kept[name] = read_manifest(tmp_path / name).quantization["fp32_matmuls_kept"]
+    assert res["recipes"]["int8-tok-auto6-emb8"]["fp32_matmuls_kept"] == kept["with"]
+    assert kept["with"] != kept["without"]  # the texts do change the ranking, so the check above means something
+    for bad, why in ((tmp_path / "none.txt", "cannot read"), (tmp_path / "empty.txt", "has no text")):
+        if bad.name == "empty.txt":
+            bad.write_text("\n \n", encoding="utf-8")
+        assert main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--sample-file", str(bad)]) == 2
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
 
 def test_fp32_embedding_recipe_ships_fp32_embeddings(tiny_bert: Path, tmp_path: Path) -> None:

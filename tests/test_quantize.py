@@ -15,8 +15,10 @@ from ckpt_factory import make_checkpoint  # noqa: E402
 from mtpf_export.bundle import ExportError, export_bundle, fp32_keep_nodes  # noqa: E402
 from mtpf_export.cli import main as export_main  # noqa: E402
 from mtpf_export.graph import build_backbone, lora_input_names  # noqa: E402
-from mtpf_export.quantize import _dyn_int8_matmul, matmul_errors, quantize_embeddings, weight_matmuls  # noqa: E402
-from mtpf_runtime import Runtime  # noqa: E402
+from mtpf_export.quantize import (  # noqa: E402
+    _dyn_int8_matmul, matmul_errors, quantize_embeddings, quantize_per_token, weight_matmuls,
+)
+from mtpf_runtime import InputError, Runtime  # noqa: E402
 
 TASKS = {
     "ner": {"kind": "ner", "labels": ["O", "B-PER", "I-PER"], "adapter": "ner", "layers": (1,), "rank": 4},
@@ -86,6 +88,68 @@ def test_simulated_dynamic_int8_is_what_onnxruntime_computes(tmp_path: Path) -> 
     assert np.abs(y_sim - y_ort).max() < 0.02 * err  # …and the model reproduces ONNX Runtime's result
 
 
+def _matmul_graph(w: np.ndarray, opset: int, consumers: int = 1) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], [f"y{i}"], name=f"mm{i}") for i in range(consumers)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", w.shape[0]])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", "s", w.shape[1]])
+                           for i in range(consumers)], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_per_token_graph_is_the_numpy_model_row_by_row(opset: int) -> None:
+    """quantize_per_token's graph computes, for every token row, what the numpy model does
+    for that row alone; both opset forms of ReduceMax/ReduceMin; shared inputs quantized once."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(48, 24)).astype(np.float32) * np.linspace(0.1, 3, 24, dtype=np.float32)
+    x = (rng.normal(size=(3, 10, 48)) * 2 + 0.5).astype(np.float32)
+    x[1, 4, 7] = 40.0  # an outlier token
+    x[2, 9] = 0.0  # an all-zero row (the scale floor)
+    x[0, 2] = np.abs(x[0, 2])  # a row with no negative value (zero point 0)
+    q = quantize_per_token(_matmul_graph(w, opset, consumers=2), excluded=[])
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("MatMulInteger") == 2 and ops.count("ReduceMax") == 1 and "MatMul" not in ops
+    assert "w" not in {t.name for t in q.graph.initializer}  # the fp32 weight is gone
+    y0, y1 = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = _dyn_int8_matmul(x.reshape(-1, 48), w, per_token=True).reshape(3, 10, 24)
+    assert np.abs(y0 - want).max() < 1e-4 * np.abs(want).max()
+    assert np.array_equal(y0, y1)
+    assert np.allclose(y0[2, 9], 0.0)
+    # per token, the outlier costs only its own row: the other rows of its text keep their precision
+    exact = x @ w
+    rows = [(1, i) for i in range(10) if i != 4]
+    pt = max(np.abs(y0[r] - exact[r]).max() for r in rows)
+    pert = _dyn_int8_matmul(x.reshape(-1, 48), w).reshape(3, 10, 24)  # one scale for the whole tensor
+    assert pt * 2 < max(np.abs(pert[r] - exact[r]).max() for r in rows)
+
+
+def test_per_token_bundle_gives_a_text_the_same_result_in_any_batch(ckpt: Path, tmp_path: Path) -> None:
+    """With one activation scale per tensor (ONNX Runtime's dynamic INT8), a text's logits depend
+    on the texts it is batched with; per token they do not."""
+    alone_and_batched = {}
+    for scheme in ("per-channel", "per-token"):
+        out = tmp_path / scheme
+        export_bundle(ckpt, out, scheme=scheme, keep_fp32="none", **QUIET)
+        rt = Runtime(out)
+        text = TEXTS[0]
+        crowd = [text, "ZZZZ " * 8 + "!!!! ????", "1234567890 " * 3]
+        alone = rt.logits([text], "tc")[0]
+        batched = rt.logits(crowd, "tc")[0]
+        ids = [rt._tok.encode_batch([t], add_special_tokens=False)[0].ids for t in crowd]
+        ner_alone = rt.token_logits(ids[:1], "ner")[0]
+        ner_batched = rt.token_logits(ids, "ner")[0]
+        alone_and_batched[scheme] = max(float(np.abs(alone - batched).max()),
+                                        float(np.abs(ner_alone - ner_batched).max()))
+    with pytest.raises(InputError, match="row 1 has 200 tokens"):
+        rt.token_logits([ids[0], [1000] * 200], "ner")
+    assert alone_and_batched["per-token"] < 1e-4
+    assert alone_and_batched["per-channel"] > 10 * max(alone_and_batched["per-token"], 1e-6)
+
+
 def test_matmul_errors_cover_every_weight_matmul(ckpt: Path) -> None:
     model, _ = build_backbone(ckpt / "backbone", [(1, "query")])
     ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102]], np.int64)
@@ -94,6 +158,9 @@ def test_matmul_errors_cover_every_weight_matmul(ckpt: Path) -> None:
     assert len(errors) == 2 * 6  # 2 layers x q, k, v, attn_out, ffn_in, ffn_out
     assert all(0 < e < 1 for e in errors.values())
     assert not any(n.startswith("lora.") for n in errors)
+    per_token = matmul_errors(model, [{"input_ids": ids, "attention_mask": np.ones_like(ids)}], per_token=True)
+    assert sorted(per_token) == sorted(errors)
+    assert sum(per_token.values()) < sum(errors.values())  # a scale per row is never coarser than one per run
 
 
 def test_int8_embeddings_are_per_row_and_keep_the_lora_inputs(ckpt: Path) -> None:
@@ -116,6 +183,8 @@ def test_int8_embeddings_are_per_row_and_keep_the_lora_inputs(ckpt: Path) -> Non
     {"keep_fp32": "auto:3", "embeddings": "int8"},
     {"scheme": "static", "keep_fp32": "none", "embeddings": "fp32"},
     {"scheme": "per-tensor", "keep_fp32": "ffn_out@1", "embeddings": "fp32"},
+    {"scheme": "per-token", "keep_fp32": "none", "embeddings": "int8"},
+    {"scheme": "per-token", "keep_fp32": "auto:3", "embeddings": "fp32"},
 ])
 def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_path: Path, recipe: dict) -> None:
     out = tmp_path / "b"
@@ -163,3 +232,29 @@ def test_cli_recipe_errors(ckpt: Path, tmp_path: Path, capsys) -> None:
                         "--no-ort-format"]) == 0
     q = json.loads((tmp_path / "y" / "manifest.json").read_text())["backbone"]["quantization"]
     assert len(q["fp32_matmuls_kept"]) == 2 and q["embeddings"] == "int8"
+
+
+def test_per_token_bundle_converts_to_ort_format_and_runs_there(ckpt: Path, tmp_path: Path) -> None:
+    """The per-token graph uses standard operators only: ONNX Runtime's converter takes it, and
+    mobile/backbone.ort with the task's adapter gives what Runtime gives."""
+    import onnxruntime as ort
+
+    out = tmp_path / "b"
+    export_bundle(ckpt, out, scheme="per-token", keep_fp32="none", log=lambda *a: None)
+    m = json.loads((out / "manifest.json").read_text())
+    ops = (out / "mobile" / "required_operators.config").read_text()
+    assert "MatMulInteger" in ops and "ReduceMax" in ops
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(out / m["mobile"]["backbone"]), opts, providers=["CPUExecutionProvider"])
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(out / m["tasks"]["ner"]["adapter"]))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(adapter)
+    with np.load(out / m["tasks"]["ner"]["head"], allow_pickle=False) as z:
+        w, b = z["weight"], z["bias"]
+    rt = Runtime(out)
+    rows = [e.ids for e in rt._encode(TEXTS[:1])]
+    ids = np.array([[101, *rows[0], 102]], np.int64)
+    hidden = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}, run_options)[0]
+    np.testing.assert_allclose(hidden[0, 1:-1] @ w.T + b, rt.token_logits(rows, "ner")[0], atol=1e-4)
