@@ -149,17 +149,33 @@ def score_tc(rt: Any, task: str, examples: Sequence[Any]) -> float:
     return 100.0 * float(np.mean([r.label == ex.label for r, ex in zip(results, examples)]))
 
 
-def seq128_ms(rt: Any, task: str, kind: str, reps: int = 30) -> float:
-    """Median latency of one 128-word-piece request, batch 1 (a size/speed indication)."""
-    text = " ".join(["the"] * 128)
-    fn = (lambda: rt.classify(text, task=task)) if kind == "tc" else (lambda: rt.tag(text, task=task))
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+SPEED_SEQS = (16, 64, 128)
+
+
+def paired_latency(bundles: dict[str, Path], task: str, kind: str, rounds: int = 30) -> dict[str, dict[int, float]]:
+    """Median ms of one request (batch 1, 1 thread) of ``SPEED_SEQS`` word pieces through each
+    bundle, the bundles' calls interleaved round by round (in alternating order), so every
+    recipe sees the same machine state; an indication, benchmarks/latency.py measures speed."""
+    from mtpf_runtime import Runtime
+
+    rts = {name: Runtime(b, threads=1, verify=False) for name, b in bundles.items()}
+    out: dict[str, dict[int, float]] = {name: {} for name in rts}
+    for seq in SPEED_SEQS:
+        text = " ".join(["the"] * (seq - 2))
+        calls = {name: (lambda rt=rt: rt.classify(text, task=task)) if kind == "tc" else
+                 (lambda rt=rt: rt.tag(text, task=task)) for name, rt in rts.items()}
+        for fn in calls.values():
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        order = list(calls)
+        for r in range(rounds):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                t = time.perf_counter()
+                calls[name]()
+                times[name].append((time.perf_counter() - t) * 1e3)
+        for name, v in times.items():
+            out[name][seq] = float(np.median(v))
+    return out
 
 
 def evaluate_recipe(bundle: Path, tasks: dict[str, Any], threads: int | None) -> dict[str, Any]:
@@ -172,9 +188,6 @@ def evaluate_recipe(bundle: Path, tasks: dict[str, Any], threads: int | None) ->
         # A data set without a dev split (e.g. TREC) is scored on test only.
         out[name] = {split: score(rt, name, getattr(ds, split)) if getattr(ds, split) else None
                      for split in ("dev", "test")}
-    first = next(iter(tasks))
-    rt1 = Runtime(bundle, threads=1, verify=False)
-    out["_seq128_ms_1thread"] = seq128_ms(rt1, first, tasks[first][0])
     return out
 
 
@@ -193,17 +206,23 @@ def markdown(res: dict[str, Any]) -> str:
                 f"`{res['sample_file']['path']}`." if res.get("sample_file") else ""), "",
              "Test metric per task (F1 for NER, accuracy for TC), and in brackets the gap to the fp32 export "
              f"in points. `worst dev` / `worst test`: the largest loss over the tasks; bound {BOUND}. "
-             "`seq-128 ms`: one 128-piece request, batch 1, 1 thread, median of 30, measured while "
-             "scoring (indicative only; benchmarks/latency.py measures speed properly).", "",
+             "`ms 16/64/128`: one request of 16, 64 and 128 word pieces, batch 1, 1 thread, median of 30, "
+             "every recipe's calls interleaved in one process; `× fp32`: the 128-piece time over fp32's "
+             "(indicative only; benchmarks/latency.py measures speed properly).", "",
              "Tasks: " + "; ".join(f"{n} ({t['kind']}, {t['dataset']}: dev {t['dev']}, test {t['test']})"
                                     for n, t in tasks.items()) + ".", ""]
-    head = ["recipe", "backbone.onnx MB", "seq-128 ms"] + list(tasks) + ["worst dev", "worst test", "all within"]
+    head = ["recipe", "backbone.onnx MB", "ms 16/64/128", "× fp32"] + list(tasks) + ["worst dev", "worst test",
+                                                                                     "all within"]
+    ref_ms = ref.get("latency_ms", {}).get("128")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res["recipes"].items():
         if "error" in r:
-            lines.append(f"| {name} | | | " + " | ".join("" for _ in tasks) + f" | | | failed: {r['error']} |")
+            lines.append(f"| {name} | | | | " + " | ".join("" for _ in tasks) + f" | | | failed: {r['error']} |")
             continue
-        cells = [name, f"{r['size']['backbone_mb']:.1f}", f"{r['scores']['_seq128_ms_1thread']:.1f}"]
+        ms = r.get("latency_ms", {})
+        cells = [name, f"{r['size']['backbone_mb']:.1f}",
+                 " / ".join(f"{ms[str(q)]:.1f}" for q in SPEED_SEQS) if ms else "",
+                 f"{ms['128'] / ref_ms:.2f}" if ms and ref_ms else ""]
         worst = {}
         for split in ("dev", "test"):
             worst[split] = max((ref["scores"][t][split] - r["scores"][t][split] for t in tasks
@@ -304,11 +323,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         q = read_manifest(dest).quantization
         res["recipes"][name] = {"kwargs": RECIPES[name], "scores": scores, "size": bundle_mb(dest),
                                 "fp32_matmuls_kept": q.get("fp32_matmuls_kept", []), "seconds": time.time() - t1}
-        print(f"{name}: " + ", ".join(f"{t}={v['test']:.2f}" for t, v in scores.items() if not t.startswith("_"))
+        print(f"{name}: " + ", ".join(f"{t}={v['test']:.2f}" for t, v in scores.items())
               + f" ({time.time() - t1:.0f}s)", flush=True)
-        shutil.rmtree(dest, ignore_errors=True)
         res["seconds"] = time.time() - t0
         (args.out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    built = {name: work / name for name, r in res["recipes"].items() if "scores" in r}
+    first = next(iter(tasks))
+    for name, ms in paired_latency(built, first, tasks[first][0]).items():
+        res["recipes"][name]["latency_ms"] = {str(q): v for q, v in ms.items()}
+    shutil.rmtree(work, ignore_errors=True)  # bundles are kept only for the paired speed measurement
+    res["seconds"] = time.time() - t0
+    (args.out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(res))
     print(markdown(res))
     return 0

@@ -55,6 +55,7 @@ def test_study_end_to_end_scores_what_the_runtime_returns(tiny_bert: Path, tmp_p
     assert res["tasks"]["tc"] == {"kind": "tc", "dataset": "trec", "dev": 0, "test": 40}
     for r in res["recipes"].values():
         assert r["scores"]["tc"]["dev"] is None  # TREC has no dev split
+        assert set(r["latency_ms"]) == {"16", "64", "128"} and all(v > 0 for v in r["latency_ms"].values())
         for t in ("ner", "tc"):
             assert 0.0 <= r["scores"][t]["test"] <= 100.0
     assert res["recipes"]["int8-all-emb8"]["size"]["backbone_mb"] < res["recipes"]["fp32"]["size"]["backbone_mb"]
@@ -81,7 +82,7 @@ def test_table_with_only_dev_less_tasks() -> None:
     from mtpf_benchmarks.quality import markdown
 
     def rec(test: float) -> dict:
-        return {"scores": {"trec": {"dev": None, "test": test}, "_seq128_ms_1thread": 20.0},
+        return {"scores": {"trec": {"dev": None, "test": test}}, "latency_ms": {"16": 5.0, "64": 10.0, "128": 20.0},
                 "size": {"backbone_mb": 34.0, "top_mb": 5.0}}
 
     res = {"checkpoint": "c", "max_eval": 300, "machine": "x", "seconds": 1.0,
@@ -89,6 +90,7 @@ def test_table_with_only_dev_less_tasks() -> None:
            "recipes": {"fp32": rec(82.0), "int8-all": rec(81.0)}}
     row = next(line for line in markdown(res).splitlines() if line.startswith("| int8-all |"))
     assert row.endswith("| 81.00 (-1.00) |  | 1.00 | no |")
+    assert row.startswith("| int8-all | 34.0 | 5.0 / 10.0 / 20.0 | 1.00 |")
 
 
 def test_tasks_of_several_checkpoints_share_one_bundle(tiny_bert: Path, tmp_path: Path) -> None:
