@@ -55,11 +55,11 @@ def merge_lora(weights: dict[str, np.ndarray], lora: dict, model_type: str) -> d
 
 
 def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "int8",
-                        scheme: str = "per-channel", keep_fp32: list[str] | None = None,
+                        scheme: str | None = None, keep_fp32: list[str] | None = None,
                         embeddings: str = "int8") -> Path:
     """A one-task bundle whose backbone has ``task``'s adapter merged in (no LoRA inputs).
 
-    ``scheme``, ``keep_fp32`` (MatMul node names; None: the export default) and ``embeddings``
+    ``scheme`` (None: the export default), ``keep_fp32`` (MatMul node names; None: the export default) and ``embeddings``
     should be the mtpf bundle's own recipe (its manifest's ``quantization``), so the two are
     quantized alike.
     """
@@ -70,7 +70,9 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
         read_lora,
     )
     from mtpf_export.graph import build_backbone, load_weights
-    from mtpf_export.quantize import matmul_errors, quantize_backbone
+    from mtpf_export.quantize import DEFAULT_SCHEME, matmul_errors, quantize_backbone
+
+    scheme = scheme or DEFAULT_SCHEME
 
     ckpt, out = Path(ckpt), Path(out)
     (t,) = read_checkpoint_tasks(ckpt, [task])
@@ -94,7 +96,8 @@ def build_merged_bundle(ckpt: Path, task: str, out: Path, *, precision: str = "i
                                        special, int(cfg["max_position_embeddings"]))
             keep = keep_fp32
             if keep is None:  # no bundle to copy from: the export default, measured on this model
-                errors = matmul_errors(model, feeds) if DEFAULT_FP32.startswith("auto:") else None
+                errors = (matmul_errors(model, feeds, per_token=scheme == "per-token")
+                          if DEFAULT_FP32.startswith("auto:") else None)
                 keep = fp32_keep_nodes(cfg["model_type"], int(cfg.get("num_hidden_layers", cfg.get("n_layers"))),
                                        DEFAULT_FP32, errors=errors)
             calib = feeds if scheme == "static" else None

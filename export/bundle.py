@@ -28,7 +28,7 @@ from mtpf_training.arch import arch_for, parse_lora_key
 from mtpf_training.checkpoint import load_task
 
 from .graph import build_backbone
-from .quantize import SCHEMES, matmul_errors, quantize_backbone
+from .quantize import DEFAULT_SCHEME, SCHEMES, matmul_errors, quantize_backbone
 
 FP32_PARITY_TOL = 1e-3  # max |logit difference| the fp32 export may show against torch
 # Which weight MatMuls stay fp32 in an INT8 export, by logical LoRA-slot name in every layer.
@@ -373,7 +373,7 @@ def _sample_rows(tokenizer_json: Path, sample_texts: list[str]) -> list[list[int
 
 # ---------------------------------------------------------------- entry point
 def export_bundle(
-    ckpt: Path, out: Path, *, precision: str = "int8", scheme: str = "per-channel",
+    ckpt: Path, out: Path, *, precision: str = "int8", scheme: str = DEFAULT_SCHEME,
     tasks: list[str] | None = None, add_to: bool = False, sample_texts: list[str] | None = None,
     ort_format: bool = True, keep_fp32: str = DEFAULT_FP32, embeddings: str = DEFAULT_EMBEDDINGS, log=print,
     slots_for: Sequence[Path] = (),

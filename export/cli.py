@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .bundle import DEFAULT_EMBEDDINGS, DEFAULT_FP32, ExportError, export_bundle, keep_fp32_help
-from .quantize import SCHEMES
+from .quantize import DEFAULT_SCHEME, SCHEMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="bundle folder to write (replaced atomically if it exists)")
     p.add_argument("--precision", choices=["int8", "fp32"], default="int8",
                    help="backbone weights: dynamic INT8 (mobile default) or fp32 (reference)")
-    p.add_argument("--quantization", choices=list(SCHEMES), default="per-channel",
-                   help="INT8 scheme: dynamic with per-output-channel weight scales, dynamic per-tensor, or "
-                        "static QDQ (activation ranges calibrated on the sample texts)")
+    p.add_argument("--quantization", choices=list(SCHEMES), default=DEFAULT_SCHEME,
+                   help="INT8 scheme: per-token (weights per output column, each token's activations with "
+                        "their own scale: a text's result does not depend on its batch), per-channel (ONNX "
+                        "Runtime's dynamic INT8: one activation scale per batch), per-tensor, or static QDQ "
+                        "(activation ranges calibrated on the sample texts)")
     p.add_argument("--keep-fp32", default=DEFAULT_FP32, metavar="SPEC",
                    help="INT8 only: weight MatMuls left in fp32: " + keep_fp32_help().replace("%", "%%")
                         + "; docs/quantization.md has the measurements behind the default")

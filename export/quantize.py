@@ -38,7 +38,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph import lora_input_names, lora_node_names
 
-SCHEMES = ("per-channel", "per-tensor", "static", "per-token")
+SCHEMES = ("per-token", "per-channel", "per-tensor", "static")
+DEFAULT_SCHEME = "per-token"  # docs/quantization.md, "Per-token activation scales"
 WORD_EMBEDDINGS = "emb.word"  # the graph builder's name for the word-embedding table
 
 
@@ -141,7 +142,7 @@ def quantize_embeddings(model: onnx.ModelProto) -> int:
     return table.nbytes - q.nbytes - scale.nbytes
 
 
-def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = "per-channel",
+def quantize_backbone(fp32: onnx.ModelProto, out_path: Path, scheme: str = DEFAULT_SCHEME,
                       keep_fp32: list[str] | None = None, *, embeddings: str = "fp32",
                       calibration: list[dict[str, np.ndarray]] | None = None) -> dict:
     """Write the INT8 backbone to ``out_path``; return a description for the manifest.

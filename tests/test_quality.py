@@ -163,7 +163,8 @@ def test_every_int8_recipe_names_its_embedding_table() -> None:
         if name == "fp32":
             continue
         assert kw.get("embeddings") == ("int8" if name.endswith("-emb8") else "fp32"), name
-        assert ("-tok-" in name) == (kw.get("scheme") == "per-token"), name
+        assert kw.get("scheme") == ("per-token" if "-tok-" in name else "static" if name.startswith("static")
+                                    else "per-tensor" if name == "int8-tensor" else "per-channel"), name
         if "-auto" in name:
             assert kw["keep_fp32"] == "auto:" + name.split("-auto")[1].split("-")[0], name
 

@@ -179,8 +179,8 @@ def test_int8_embeddings_are_per_row_and_keep_the_lora_inputs(ckpt: Path) -> Non
 
 
 @pytest.mark.parametrize("recipe", [
-    {"keep_fp32": "none", "embeddings": "int8"},
-    {"keep_fp32": "auto:3", "embeddings": "int8"},
+    {"scheme": "per-channel", "keep_fp32": "none", "embeddings": "int8"},
+    {"scheme": "per-channel", "keep_fp32": "auto:3", "embeddings": "int8"},
     {"scheme": "static", "keep_fp32": "none", "embeddings": "fp32"},
     {"scheme": "per-tensor", "keep_fp32": "ffn_out@1", "embeddings": "fp32"},
     {"scheme": "per-token", "keep_fp32": "none", "embeddings": "int8"},
@@ -190,7 +190,7 @@ def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_
     out = tmp_path / "b"
     m = export_bundle(ckpt, out, **recipe, **QUIET)
     q = m.quantization
-    assert q["scheme"] == recipe.get("scheme", "per-channel")
+    assert q["scheme"] == recipe["scheme"]
     assert q["embeddings"] == recipe["embeddings"]
     assert q["fp32_preset"] == recipe["keep_fp32"]
     if recipe["keep_fp32"].startswith("auto:"):
@@ -214,10 +214,14 @@ def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_
 
 
 def test_default_recipe(ckpt: Path, tmp_path: Path) -> None:
-    """The default is the study's pick (docs/quantization.md): the 6 most sensitive weight
-    MatMuls fp32 and per-row INT8 embeddings."""
+    """The default is the study's pick (docs/quantization.md): per-token activation scales, the 6
+    most sensitive weight MatMuls (under per-token INT8) fp32, and per-row INT8 embeddings."""
     q = export_bundle(ckpt, tmp_path / "d", **QUIET).quantization
-    assert (q["scheme"], q["fp32_preset"], q["embeddings"]) == ("per-channel", "auto:6", "int8")
+    assert (q["scheme"], q["fp32_preset"], q["embeddings"]) == ("per-token", "auto:6", "int8")
+    # the ranking is made under the scheme the bundle ships: per-token errors, not ONNX Runtime's per-tensor ones
+    pc = export_bundle(ckpt, tmp_path / "pc", scheme="per-channel", **QUIET).quantization["matmul_int8_errors"]
+    assert sorted(pc) == sorted(q["matmul_int8_errors"])
+    assert sum(q["matmul_int8_errors"].values()) < sum(pc.values())
     errors = q["matmul_int8_errors"]
     assert sorted(q["fp32_matmuls_kept"]) == sorted(sorted(errors, key=lambda k: -errors[k])[:6])
 
