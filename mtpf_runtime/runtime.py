@@ -262,10 +262,12 @@ class Runtime:
         """Per-token head outputs for already tokenised rows (without [CLS]/[SEP])."""
         spec = self._spec(task, "ner")
         rows = [list(r) for r in token_ids]
-        long = next((i for i, r in enumerate(rows) if len(r) > spec.max_length - 2), None)
-        if long is not None:
-            raise InputError(f"token_logits: row {long} has {len(rows[long])} tokens; task {task!r} takes at most "
-                             f"{spec.max_length - 2} (max_length {spec.max_length} less [CLS] and [SEP])")
+        most = self.manifest.max_positions - 2
+        long = next((i for i, r in enumerate(rows) if len(r) > most), None)
+        if long is not None:  # past the position table the graph fails with a broadcasting error
+            raise InputError(f"token_logits: row {long} has {len(rows[long])} tokens; the backbone takes at most "
+                             f"{most} ({self.manifest.max_positions} positions less [CLS] and [SEP]); "
+                             f"tag() splits long texts into windows")
         return self._run_rows(rows, spec, pooled=False)
 
     # ---------------------------------------------------------------- stages
