@@ -179,10 +179,10 @@ def paired_latency(bundles: dict[str, Path], task: str, kind: str, rounds: int =
     return out
 
 
-def evaluate_recipe(bundle: Path, tasks: dict[str, Any], threads: int | None) -> dict[str, Any]:
+def evaluate_recipe(bundle: Path, tasks: dict[str, Any], threads: int | None, batch_size: int = 32) -> dict[str, Any]:
     from mtpf_runtime import Runtime
 
-    rt = Runtime(bundle, threads=threads)
+    rt = Runtime(bundle, threads=threads, batch_size=batch_size)
     out: dict[str, Any] = {}
     for name, (kind, ds) in tasks.items():
         score = score_ner if kind == "ner" else score_tc
@@ -201,7 +201,8 @@ def bundle_mb(bundle: Path) -> dict[str, float]:
 def markdown(res: dict[str, Any]) -> str:
     tasks = res["tasks"]
     ref = res["recipes"]["fp32"]
-    lines = [f"Checkpoint `{res['checkpoint']}`; dev/test cut to {res['max_eval']} examples each (seeded); "
+    lines = [f"Checkpoint `{res['checkpoint']}`; dev/test cut to {res['max_eval']} examples each (seeded), "
+             f"scored in batches of {res.get('batch_size', 32)}; "
              f"{res['machine']}; {res['seconds']:.0f} s in all."
              + (f" Sample texts for auto:N: the built-in ones and {res['sample_file']['texts']} from "
                 f"`{res['sample_file']['path']}`." if res.get("sample_file") else ""), "",
@@ -249,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--task", action="append", help="only these tasks (default: all with a known data set)")
     ap.add_argument("--max-eval", type=int, default=1000, help="dev and test examples per task (seeded cut)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for scoring")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="texts per backbone run while scoring (Runtime's batch_size; 1 scores every text alone)")
     ap.add_argument("--sample-file", type=Path,
                     help="texts (one per line, UTF-8) added to the export's built-in sample texts, as "
                          "mtpf-export --sample-file: they rank the MatMuls for auto:N and calibrate static")
@@ -257,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mtpf_export.bundle import ExportError, export_bundle
     from mtpf_runtime.manifest import read_manifest
 
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
     t0 = time.time()
     samples = None
     if args.sample_file:
@@ -290,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipes = ["fp32"] + [r for r in (args.recipe or RECIPES) if r != "fp32"]
     label = str(args.checkpoint[0]) if len(args.checkpoint) == 1 else f"{len(per_ckpt)} checkpoints, one backbone"
     res: dict[str, Any] = {"checkpoint": label, "checkpoints": [str(c) for c in per_ckpt],
-                           "max_eval": args.max_eval, "notes": notes,
+                           "max_eval": args.max_eval, "batch_size": args.batch_size, "notes": notes,
                            "sample_file": None if samples is None else
                            {"path": str(args.sample_file), "texts": len(samples)},
                            "tasks": {n: {"kind": k, "dataset": ds.name, "dev": len(ds.dev), "test": len(ds.test)}
@@ -320,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       file=sys.stderr)
                 return 1
             continue
-        scores = evaluate_recipe(dest, tasks, args.threads)
+        scores = evaluate_recipe(dest, tasks, args.threads, args.batch_size)
         q = read_manifest(dest).quantization
         res["recipes"][name] = {"kwargs": RECIPES[name], "scores": scores, "size": bundle_mb(dest),
                                 "fp32_matmuls_kept": q.get("fp32_matmuls_kept", []), "seconds": time.time() - t1}

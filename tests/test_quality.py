@@ -193,6 +193,9 @@ def test_sample_file_ranks_the_matmuls_of_every_recipe(tiny_bert: Path, tmp_path
         kept[name] = read_manifest(tmp_path / name).quantization["fp32_matmuls_kept"]
     assert res["recipes"]["int8-tok-auto6-emb8"]["fp32_matmuls_kept"] == kept["with"]
     assert kept["with"] != kept["without"]  # the texts do change the ranking, so the check above means something
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--batch-size", "0"])
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
     for bad, why in ((tmp_path / "none.txt", "cannot read"), (tmp_path / "empty.txt", "has no text")):
         if bad.name == "empty.txt":
             bad.write_text("\n \n", encoding="utf-8")
