@@ -58,3 +58,25 @@ def make_checkpoint(
             {"name": name, "kind": t["kind"], "labels": labels, "adapter": adapter,
              "max_length": t.get("max_length", 64)}))
     return out
+
+
+def ort_format_token_logits(bundle: Path, task: str, row: list[int]) -> np.ndarray:
+    """An NER task's token logits for one tokenised row through ``mobile/backbone.ort``, the
+    task's ``.onnx_adapter`` and its npz head, with ONNX Runtime alone (no mtpf code in the
+    path): what an app on a phone runs."""
+    import onnxruntime as ort
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(bundle / m["mobile"]["backbone"]), opts, providers=["CPUExecutionProvider"])
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(bundle / m["tasks"][task]["adapter"]))
+    run_options = ort.RunOptions()
+    run_options.add_active_adapter(adapter)
+    with np.load(bundle / m["tasks"][task]["head"], allow_pickle=False) as z:
+        w, b = z["weight"], z["bias"]
+    special = m["tokenizer"]["special_ids"]
+    ids = np.array([[special["cls"], *row, special["sep"]]], np.int64)
+    hidden = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}, run_options)[0]
+    return hidden[0, 1:-1] @ w.T + b

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ckpt_factory import make_checkpoint  # noqa: E402
+from ckpt_factory import make_checkpoint, ort_format_token_logits  # noqa: E402
 from mtpf_runtime import InputError, Runtime  # noqa: E402
 
 NER = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
@@ -160,24 +160,10 @@ def test_mixed_batch_equals_per_task_calls(bundle: Path) -> None:
 
 def test_ort_format_runs_with_onnxruntime_alone(bundle: Path) -> None:
     """mobile/backbone.ort + the .onnx_adapter + the npz head, no mtpf code in the path."""
-    import onnxruntime as ort
-
-    m = json.loads((bundle / "manifest.json").read_text())
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(bundle / m["mobile"]["backbone"]), opts, providers=["CPUExecutionProvider"])
-    adapter = ort.LoraAdapter()
-    adapter.Load(str(bundle / m["tasks"]["ner"]["adapter"]))
-    run_options = ort.RunOptions()
-    run_options.add_active_adapter(adapter)
-    with np.load(bundle / m["tasks"]["ner"]["head"], allow_pickle=False) as z:
-        w, b = z["weight"], z["bias"]
     rt = Runtime(bundle)
     rows = [e.ids for e in rt._encode(TEXTS[:1])]
-    ids = np.array([[101, *rows[0], 102]], np.int64)
-    hidden = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": np.ones_like(ids)}, run_options)[0]
-    logits = hidden[0, 1:-1] @ w.T + b
-    np.testing.assert_allclose(logits, rt.token_logits(rows, "ner")[0], atol=1e-5)
+    np.testing.assert_allclose(ort_format_token_logits(bundle, "ner", rows[0]), rt.token_logits(rows, "ner")[0],
+                               atol=1e-5)
 
 
 def test_schema_1_bundle_still_loads(bundle: Path, tmp_path: Path) -> None:
