@@ -79,6 +79,9 @@ def _quantize(fp32: onnx.ModelProto, out_path: Path, scheme: str, excluded: list
         CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static,
     )
 
+    if scheme == "per-token":  # a graph rewrite in memory: no fp32 copy on disk for a quantizer to read
+        onnx.save(quantize_per_token(fp32, excluded), str(out_path))
+        return
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         src = Path(tmp) / "fp32.onnx"
         onnx.save(fp32, src)
@@ -94,8 +97,6 @@ def _quantize(fp32: onnx.ModelProto, out_path: Path, scheme: str, excluded: list
                 extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": False},
                 calibration_cache_path=str(Path(tmp) / "calib"),
             )
-        elif scheme == "per-token":
-            onnx.save(quantize_per_token(fp32, excluded), str(out_path))
         else:
             quantize_dynamic(
                 str(src), str(out_path),
@@ -203,10 +204,16 @@ def _dyn_int8_matmul(x: np.ndarray, w: np.ndarray, per_token: bool = False) -> n
         sx = (hi - lo) / 255.0 or 1.0
     zx = np.clip(np.rint(-lo / sx), 0, 255)
     xq = np.clip(np.rint(x / sx) + zx, 0, 255)
-    sw = np.abs(w).max(axis=0, keepdims=True) / 127.0
+    wq, sw = _int8_columns(w)
+    return ((xq - zx) @ wq.astype(w.dtype)) * sx * sw
+
+
+def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 of a weight ``[K, N]`` with one scale per output column, as
+    ``quantize_dynamic`` per-channel does: (int8 weights, float32 scales ``[N]``)."""
+    sw = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
     sw[sw == 0] = 1.0
-    wq = np.clip(np.rint(w / sw), -127, 127)
-    return ((xq - zx) @ wq) * sx * sw
+    return np.clip(np.rint(w / sw), -127, 127).astype(np.int8), sw
 
 
 def matmul_errors(fp32: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
@@ -314,13 +321,10 @@ def quantize_per_token(fp32: onnx.ModelProto, excluded: list[str]) -> onnx.Model
             quantized[x] = (f"{p}.q", f"{p}.s", f"{p}.z")
         q, sx, zx = quantized[x]
         if wname not in weights_done:  # a weight two MatMuls share is stored once
-            w = numpy_helper.to_array(inits[wname]).astype(np.float32)
-            sw = np.abs(w).max(axis=0) / 127.0
-            sw[sw == 0] = 1.0
-            wq = np.clip(np.rint(w / sw), -127, 127).astype(np.int8)
+            wq, sw = _int8_columns(numpy_helper.to_array(inits[wname]).astype(np.float32))
             colsum = wq.astype(np.int64).sum(axis=0).astype(np.float32)
             g.initializer.extend([numpy_helper.from_array(wq, f"{wname}.int8"),
-                                  numpy_helper.from_array(sw.astype(np.float32), f"{wname}.wscale"),
+                                  numpy_helper.from_array(sw, f"{wname}.wscale"),
                                   numpy_helper.from_array(colsum, f"{wname}.colsum")])
             weights_done.add(wname)
         m = node.name
