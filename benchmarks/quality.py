@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "mtpf-export --sample-file: they rank the MatMuls for auto:N and calibrate static")
     args = ap.parse_args(argv)
 
-    from mtpf_export.bundle import ExportError, export_bundle
+    from mtpf_export.bundle import ExportError, export_bundle, read_sample_file
     from mtpf_runtime.manifest import read_manifest
 
     if args.batch_size < 1:
@@ -266,9 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = None
     if args.sample_file:
         try:
-            samples = [ln for ln in args.sample_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            print(f"quality: cannot read --sample-file {args.sample_file}: {e}", file=sys.stderr)
+            samples = [ln for ln in read_sample_file(args.sample_file) if ln.strip()]
+        except ExportError as e:
+            print(f"quality: {e}", file=sys.stderr)
             return 2
         if not samples:
             print(f"quality: --sample-file {args.sample_file} has no text", file=sys.stderr)

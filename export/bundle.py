@@ -105,6 +105,14 @@ class ExportError(RuntimeError):
     """Export refused or failed its own check; the old bundle (if any) is untouched."""
 
 
+def read_sample_file(path: Path) -> list[str]:
+    """The lines of a ``--sample-file`` (UTF-8, one text per line), added to ``SAMPLE_TEXTS``."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"cannot read --sample-file {path}: {e}") from e
+
+
 @dataclass(frozen=True)
 class CkptTask:
     name: str

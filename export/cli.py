@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bundle import DEFAULT_EMBEDDINGS, DEFAULT_FP32, ExportError, export_bundle, keep_fp32_help
+from .bundle import DEFAULT_EMBEDDINGS, DEFAULT_FP32, ExportError, export_bundle, keep_fp32_help, read_sample_file
 from .quantize import DEFAULT_SCHEME, SCHEMES
 
 
@@ -53,13 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    samples = None
-    if args.sample_file:
-        try:
-            samples = [line.rstrip("\n") for line in args.sample_file.read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as e:
-            print(f"mtpf-export: cannot read --sample-file {args.sample_file}: {e}", file=sys.stderr)
-            return 2
+    try:
+        samples = read_sample_file(args.sample_file) if args.sample_file else None
+    except ExportError as e:
+        print(f"mtpf-export: {e}", file=sys.stderr)
+        return 2
     try:
         export_bundle(args.checkpoint, args.out, precision=args.precision, scheme=args.quantization,
                       tasks=args.tasks, add_to=args.add, sample_texts=samples,

@@ -230,6 +230,10 @@ def test_cli_recipe_errors(ckpt: Path, tmp_path: Path, capsys) -> None:
     assert export_main([str(ckpt), str(tmp_path / "x"), "--keep-fp32", "ffn_up", "--no-ort-format"]) == 2
     assert "unknown target 'ffn_up'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert export_main([str(ckpt), str(tmp_path / "x"), "--sample-file", str(tmp_path / "none.txt"),
+                        "--no-ort-format"]) == 2
+    assert "cannot read --sample-file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         export_main([str(ckpt), str(tmp_path / "x"), "--embeddings", "int4"])
     assert export_main([str(ckpt), str(tmp_path / "y"), "--keep-fp32", "auto:2", "--embeddings", "int8",
