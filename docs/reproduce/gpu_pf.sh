@@ -4,8 +4,9 @@
 #   whl/peft-0.21.2 wheel, base16/ (fp16 copy of all-MiniLM-L6-v2), data.tar.xz (../shared/data raw/,
 #   pairs/ and, for g10l, the held-out label sets under tc/), labels.npz.xz (the spaCy pseudo-labels
 #   made on the CPU VM), pack.py (= gpu_pack.py).
-# RUNS picks the runs, all started at once (default: session 6's plan for the TC miss, in order of
-# priority, g10nb g10l g10m; docs/results.md, "Where g10's TC drop comes from"):
+# RUNS picks the runs, all started at once (default, in order of priority: g10p ner10 g10m, what
+# session 16 left; of session 6's plan g10nb g10l g10m, session 16 ran g10nb and g10l, docs/results.md
+# "10x on a GPU again"):
 #   g10, g30   session 5: the session-3 recipe at 10x (3,600 steps) and 30x (10,800 steps)
 #   g10nb      g10 with NER steps that leave the shared encoder alone (--ner-backbone-lr-scale 0)
 #   g10s03     g10 with NER steps that move the shared encoder at 0.3x its lr (--ner-backbone-lr-scale 0.3)
@@ -33,7 +34,7 @@ OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD /tmp/packs
 # (bash docs/reproduce/gpu_pf.sh fetch), so no run is cut part way.
 fetch() {
   local used=0
-  for n in ${RUNS:-g10nb g10l g10m} $(ls /tmp/packs); do  # in priority order, then what earlier calls left
+  for n in ${RUNS:-g10p ner10 g10m} $(ls /tmp/packs); do  # in priority order, then what earlier calls left
     local d=/tmp/packs/$n; [ -d $d ] || continue
     local mb=$(( $(du -sb $d | cut -f1) / 1000000 + 1 ))
     if [ $(( used + mb )) -le ${RETURN_MB:-62} ]; then mv $d $OUTD/ && used=$(( used + mb )); else echo "left for the next call: $d ($mb MB)"; fi
@@ -69,7 +70,7 @@ run() {  # name, extra args: one pre-finetuning run, then its backbone delta pac
 CPU_MIX=mrpc=2753,paws=3539,stsb=1406,snli=367,mnli=719,wordnet_gloss=12000,dropout:nlp_corpus=12000,neighbours:brown=12000
 [ -n "${RESUME:-}" ] || rm -rf /tmp/ck /tmp/packs/*
 PIDS=""
-for n in ${RUNS:-g10nb g10l g10m}; do
+for n in ${RUNS:-g10p ner10 g10m}; do
   case $n in
     g10) run g10 --steps ${STEPS:-3600} & ;;
     g30) run g30 --steps ${STEPS:-10800} & ;;
