@@ -18,10 +18,10 @@
 #   tc10, ner10  the single-task modes at 10x (--mode tc / --mode ner, 3,600 steps of that task alone)
 # Session 16 ran RUNS="g10p tc10 g10nb g10l" DEADLINE_S=480 on an H200: tc10, g10nb and g10l took
 # 167-196 s each (all four at once); g10p (PROJ_TEXTS=ner+tc, tpl720p4tc's recipe at 10x) runs about
-# 5.5 steps/s alone, so 3,600 steps need about 11 minutes: more than one call. The deadline stopped it
-# at step 2,200; a 2,100-step resume state stayed on the machine, and 6 minutes of device time were not
-# enough to finish it. Then `RETURN_MB=67 bash gpu_pf.sh fetch` brought g10nb and g10l back in one call
-# (66.1 MB of the 67.1 MB a call returns).
+# 6 steps/s alone, so 3,600 steps and its data loading need about 11 minutes: more than one call.
+# The deadline stopped it at step 2,200; a 2,100-step resume state stayed on the machine, and 6 minutes
+# of device time were not enough to finish it. Then `RETURN_MB=67 bash gpu_pf.sh fetch` brought g10nb
+# and g10l back in one call (66.1 MB of the 67.1 MB a call returns).
 # Knobs for a dry run on a CPU box: DEV=cpu STEPS=6 XPP=<extra PYTHONPATH> OUT=<folder> RETURN_MB=<cap>.
 # g10p writes a resume state every CKPT_EVERY (300) steps: if the deadline (DEADLINE_S, 450 s after the
 # start) stops it, `RESUME=1 RUNS=g10p bash gpu_pf.sh` on the warm machine finishes it (--resume).
@@ -29,12 +29,13 @@
 set -u
 T0=$(date +%s)
 OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD /tmp/packs
+RUNS=${RUNS:-g10p ner10 g10m}  # in priority order
 # A call brings back at most 64 MiB, and a 3,600-step run packs to 30-33 MB: copy whole runs while
 # they fit, and leave the rest in /tmp/packs for a second call on the warm machine to fetch
 # (bash docs/reproduce/gpu_pf.sh fetch), so no run is cut part way.
 fetch() {
-  local used=0
-  for n in ${RUNS:-g10p ner10 g10m} $(ls /tmp/packs); do  # in priority order, then what earlier calls left
+  local used=0 n
+  for n in $RUNS $(ls /tmp/packs | grep -vxF -f <(printf '%s\n' $RUNS)); do  # RUNS first, then what earlier calls left
     local d=/tmp/packs/$n; [ -d $d ] || continue
     local mb=$(( $(du -sb $d | cut -f1) / 1000000 + 1 ))
     if [ $(( used + mb )) -le ${RETURN_MB:-62} ]; then mv $d $OUTD/ && used=$(( used + mb )); else echo "left for the next call: $d ($mb MB)"; fi
@@ -70,7 +71,7 @@ run() {  # name, extra args: one pre-finetuning run, then its backbone delta pac
 CPU_MIX=mrpc=2753,paws=3539,stsb=1406,snli=367,mnli=719,wordnet_gloss=12000,dropout:nlp_corpus=12000,neighbours:brown=12000
 [ -n "${RESUME:-}" ] || rm -rf /tmp/ck /tmp/packs/*
 PIDS=""
-for n in ${RUNS:-g10p ner10 g10m}; do
+for n in $RUNS; do
   case $n in
     g10) run g10 --steps ${STEPS:-3600} & ;;
     g30) run g30 --steps ${STEPS:-10800} & ;;
