@@ -694,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         q = m.quantization
         # Rebuild the K-task bundles and merged models with the bundle's own INT8 recipe.
         recipe = {"scheme": q.get("scheme", "per-channel"), "keep_fp32": q.get("fp32_preset", "ffn"),
-                  "embeddings": q.get("embeddings", "fp32")}
+                  "embeddings": q.get("embeddings", "fp32"), "adapter_dtype": m.lora_dtype}
         ck_key = {"source": src, "tasks": {n: _task_key(ckpt, n) for n in order}, "recipe": recipe}
         _log(f"== artifacts: K-task bundles {ks}, merged models (cached in {work})")
         for k in ks:

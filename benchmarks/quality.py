@@ -33,30 +33,40 @@ from typing import Any, Sequence
 
 import numpy as np
 
+
+def _r(scheme: str, keep_fp32: str, embeddings: str, adapter_dtype: str = "float32") -> dict[str, Any]:
+    return {"scheme": scheme, "keep_fp32": keep_fp32, "embeddings": embeddings, "adapter_dtype": adapter_dtype}
+
+
 # name -> export_bundle keyword arguments. "fp32" is the reference every gap is taken against.
 RECIPES: dict[str, dict[str, Any]] = {
     "fp32": {"precision": "fp32"},
-    # Every INT8 recipe names its scheme and its embedding table ("-emb8" means INT8 rows, no
-    # suffix fp32; "-tok-" per-token activation scales, otherwise ONNX Runtime's per-channel
-    # dynamic INT8). Left out, either would follow export's default, which has changed twice,
-    # and a recipe would silently measure something other than its name.
-    "int8-tensor": {"scheme": "per-tensor", "keep_fp32": "none", "embeddings": "fp32"},
-    "int8-all": {"scheme": "per-channel", "keep_fp32": "none", "embeddings": "fp32"},
-    "int8-all-emb8": {"scheme": "per-channel", "keep_fp32": "none", "embeddings": "int8"},
-    "int8-ffnout": {"scheme": "per-channel", "keep_fp32": "ffn_out", "embeddings": "fp32"},
-    "int8-ffn": {"scheme": "per-channel", "keep_fp32": "ffn", "embeddings": "fp32"},
-    "int8-ffn-emb8": {"scheme": "per-channel", "keep_fp32": "ffn", "embeddings": "int8"},
-    "int8-auto2-emb8": {"scheme": "per-channel", "keep_fp32": "auto:2", "embeddings": "int8"},
-    "int8-auto4-emb8": {"scheme": "per-channel", "keep_fp32": "auto:4", "embeddings": "int8"},
-    "int8-auto6": {"scheme": "per-channel", "keep_fp32": "auto:6", "embeddings": "fp32"},
-    "int8-auto6-emb8": {"scheme": "per-channel", "keep_fp32": "auto:6", "embeddings": "int8"},
-    "int8-auto8-emb8": {"scheme": "per-channel", "keep_fp32": "auto:8", "embeddings": "int8"},
-    "int8-auto12-emb8": {"scheme": "per-channel", "keep_fp32": "auto:12", "embeddings": "int8"},
+    # Every INT8 recipe names its scheme, its embedding table and its adapters ("-emb8" means
+    # INT8 rows, no suffix fp32; "-tok-" per-token activation scales, otherwise ONNX Runtime's
+    # per-channel dynamic INT8; "-a16" float16 adapters, otherwise float32). Left out, each would
+    # follow export's default, which has changed, and a recipe would silently measure something
+    # other than its name. "-autoN" ranks the fp32 MatMuls over every layer (`auto-any:N`, what
+    # `auto:N` meant until session 17); "-trunkN" is `auto:N`, the shared trunk first.
+    "int8-tensor": _r("per-tensor", "none", "fp32"),
+    "int8-all": _r("per-channel", "none", "fp32"),
+    "int8-all-emb8": _r("per-channel", "none", "int8"),
+    "int8-ffnout": _r("per-channel", "ffn_out", "fp32"),
+    "int8-ffn": _r("per-channel", "ffn", "fp32"),
+    "int8-ffn-emb8": _r("per-channel", "ffn", "int8"),
+    "int8-auto2-emb8": _r("per-channel", "auto-any:2", "int8"),
+    "int8-auto4-emb8": _r("per-channel", "auto-any:4", "int8"),
+    "int8-auto6": _r("per-channel", "auto-any:6", "fp32"),
+    "int8-auto6-emb8": _r("per-channel", "auto-any:6", "int8"),
+    "int8-auto8-emb8": _r("per-channel", "auto-any:8", "int8"),
+    "int8-auto12-emb8": _r("per-channel", "auto-any:12", "int8"),
     # per-token: each token's activations get their own INT8 scale (export/quantize.py)
-    "int8-tok-all-emb8": {"scheme": "per-token", "keep_fp32": "none", "embeddings": "int8"},
-    "int8-tok-auto6-emb8": {"scheme": "per-token", "keep_fp32": "auto:6", "embeddings": "int8"},
-    "static-all": {"scheme": "static", "keep_fp32": "none", "embeddings": "fp32"},
-    "static-ffn": {"scheme": "static", "keep_fp32": "ffn", "embeddings": "fp32"},
+    "int8-tok-all-emb8": _r("per-token", "none", "int8"),
+    "int8-tok-auto6-emb8": _r("per-token", "auto-any:6", "int8"),  # the default in session 15-16
+    # auto:6 from the shared trunk first; with float16 adapters, the default since session 17
+    "int8-tok-trunk6-emb8": _r("per-token", "auto:6", "int8"),
+    "int8-tok-trunk6-a16-emb8": _r("per-token", "auto:6", "int8", "float16"),
+    "static-all": _r("static", "none", "fp32"),
+    "static-ffn": _r("static", "ffn", "fp32"),
 }
 BOUND = 0.5  # points: the "within 0.5 of fp32" for every task
 

@@ -27,7 +27,7 @@ from mtpf_runtime.manifest import (
 from mtpf_training.arch import arch_for, parse_lora_key
 from mtpf_training.checkpoint import load_task
 
-from .graph import build_backbone
+from .graph import LORA_DTYPES, build_backbone
 from .quantize import DEFAULT_SCHEME, SCHEMES, matmul_errors, quantize_backbone
 
 FP32_PARITY_TOL = 1e-3  # max |logit difference| the fp32 export may show against torch
@@ -40,15 +40,22 @@ DEFAULT_EMBEDDINGS = "int8"
 
 def keep_fp32_help() -> str:
     return (f"a preset ({', '.join(FP32_PRESETS)}), 'auto:N' (the N weight MatMuls whose output dynamic "
-            f"INT8 changes most on the sample texts), or a comma list of target[@layer] items from "
-            f"query,key,value,attn_out,ffn_in,ffn_out (e.g. 'ffn_out@5,ffn_in@5')")
+            f"INT8 changes most on the sample texts, taken from the shared trunk first when the bundle "
+            f"has one), 'auto-any:N' (the same ranking over every layer), or a comma list of "
+            f"target[@layer] items from query,key,value,attn_out,ffn_in,ffn_out (e.g. 'ffn_out@5,ffn_in@5')")
 
 
 def fp32_keep_nodes(model_type: str, n_layers: int, spec: str = DEFAULT_FP32, *,
-                    errors: dict[str, float] | None = None) -> list[str]:
+                    errors: dict[str, float] | None = None, split_layer: int | None = None) -> list[str]:
     """Graph node names of the weight MatMuls that ``spec`` keeps in fp32.
 
-    ``errors`` (node -> sensitivity, ``quantize.matmul_errors``) is needed for ``auto:N``.
+    ``errors`` (node -> sensitivity, ``quantize.matmul_errors``) is needed for ``auto:N`` and
+    ``auto-any:N``. With a shared trunk (``split_layer``: the first adapted layer), ``auto:N``
+    takes the N most sensitive MatMuls of the trunk (layers below ``split_layer``) and only
+    fills up from the adapted layers when the trunk has fewer than N. Layers from
+    ``split_layer`` on run once per task in a multi-task call (``Runtime.analyze``), the trunk
+    once per text, and fp32 MatMuls are the slow ones (docs/quantization.md). ``auto-any:N``
+    ranks every layer alike.
     """
     arch = arch_for(model_type)
 
@@ -58,16 +65,26 @@ def fp32_keep_nodes(model_type: str, n_layers: int, spec: str = DEFAULT_FP32, *,
     spec = spec.strip()
     if spec in FP32_PRESETS:
         return [node(i, t) for i in range(n_layers) for t in FP32_PRESETS[spec]]
-    if spec.startswith("auto:"):
+    if spec.startswith(("auto:", "auto-any:")):
+        kind, _, count = spec.partition(":")
         try:
-            n = int(spec[5:])
+            n = int(count)
         except ValueError:
             n = -1
         if n < 0:
-            raise ExportError(f"keep_fp32 {spec!r}: auto needs a count, e.g. auto:4")
+            raise ExportError(f"keep_fp32 {spec!r}: {kind} needs a count, e.g. {kind}:4")
         if errors is None:
             raise ExportError(f"keep_fp32 {spec!r} needs the MatMul sensitivities (matmul_errors)")
-        return sorted(errors, key=lambda k: -errors[k])[:n]
+        ranked = sorted(errors, key=lambda k: -errors[k])
+        if kind == "auto" and split_layer:
+            prefix = f"{arch.layers}."
+
+            def in_trunk(name: str) -> bool:
+                layer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+                return layer.isdigit() and int(layer) < split_layer
+
+            ranked = [k for k in ranked if in_trunk(k)] + [k for k in ranked if not in_trunk(k)]
+        return ranked[:n]
     out = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         target, _, layer = item.partition("@")
@@ -180,7 +197,7 @@ def read_lora(ckpt: Path, adapter: str, model_type: str) -> dict[tuple[int, str]
     return out
 
 
-def write_adapter(path: Path, lora: dict, fingerprint: str) -> None:
+def write_adapter(path: Path, lora: dict, fingerprint: str, dtype: str = "float32") -> None:
     import onnxruntime as ort
 
     from mtpf_training.arch import graph_input_name
@@ -188,8 +205,8 @@ def write_adapter(path: Path, lora: dict, fingerprint: str) -> None:
     # AdapterFormat keeps only the OrtValues: keep the numpy arrays alive until export.
     arrays = {}
     for (layer, target), (a, b) in sorted(lora.items()):
-        arrays[graph_input_name(layer, target, "A")] = a
-        arrays[graph_input_name(layer, target, "B")] = b
+        arrays[graph_input_name(layer, target, "A")] = np.ascontiguousarray(a, LORA_DTYPES[dtype][1])
+        arrays[graph_input_name(layer, target, "B")] = np.ascontiguousarray(b, LORA_DTYPES[dtype][1])
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(SCHEMA_VERSION)
     fmt.set_model_version(adapter_model_version(fingerprint))
@@ -260,7 +277,8 @@ def _tokenizer_info(backbone: Path, dest: Path) -> dict:
     return ids
 
 
-def _write_task_files(stage: Path, task: CkptTask, lora: dict | None, fingerprint: str) -> TaskSpec:
+def _write_task_files(stage: Path, task: CkptTask, lora: dict | None, fingerprint: str,
+                      lora_dtype: str = "float32") -> TaskSpec:
     (stage / "heads").mkdir(exist_ok=True)
     (stage / "adapters").mkdir(exist_ok=True)
     head_rel = f"heads/{task.name}.npz"
@@ -268,7 +286,7 @@ def _write_task_files(stage: Path, task: CkptTask, lora: dict | None, fingerprin
     adapter_rel = None
     if lora:
         adapter_rel = f"adapters/{task.name}.onnx_adapter"
-        write_adapter(stage / adapter_rel, lora, fingerprint)
+        write_adapter(stage / adapter_rel, lora, fingerprint, lora_dtype)
     return TaskSpec(task.name, task.kind, task.labels, task.max_length, head_rel, adapter_rel, fingerprint)
 
 
@@ -384,7 +402,7 @@ def export_bundle(
     ckpt: Path, out: Path, *, precision: str = "int8", scheme: str = DEFAULT_SCHEME,
     tasks: list[str] | None = None, add_to: bool = False, sample_texts: list[str] | None = None,
     ort_format: bool = True, keep_fp32: str = DEFAULT_FP32, embeddings: str = DEFAULT_EMBEDDINGS, log=print,
-    slots_for: Sequence[Path] = (),
+    slots_for: Sequence[Path] = (), adapter_dtype: str | None = None,
 ) -> Manifest:
     """Export ``tasks`` of checkpoint ``ckpt`` to bundle ``out``.
 
@@ -395,6 +413,9 @@ def export_bundle(
     carries the LoRA slots their adapters use, so those adds need no rebuild.
     INT8 recipe: ``scheme`` (per-channel, per-tensor, static, per-token), ``keep_fp32`` (see
     ``fp32_keep_nodes``), ``embeddings`` (fp32 or int8 per-row word-embedding table).
+    ``adapter_dtype``: the adapters' (and the graph's LoRA inputs') type, ``float16`` or
+    ``float32``; None: float16 for an INT8 bundle (half the memory per task), float32 for an
+    fp32 one (the reference), and with ``add_to`` whatever the bundle has.
     """
     ckpt, out = Path(ckpt), Path(out)
     if precision not in ("int8", "fp32"):
@@ -403,6 +424,8 @@ def export_bundle(
         raise ExportError(f"quantization scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     if embeddings not in ("fp32", "int8"):
         raise ExportError(f"embeddings {embeddings!r}; choose fp32 or int8")
+    if adapter_dtype is not None and adapter_dtype not in LORA_DTYPES:
+        raise ExportError(f"adapter dtype {adapter_dtype!r}; choose from {', '.join(LORA_DTYPES)}")
     recover(out)
     t0 = time.time()
     cfg = json.loads((ckpt / "backbone" / "config.json").read_text()) if (ckpt / "backbone" / "config.json").is_file() else None
@@ -418,6 +441,10 @@ def export_bundle(
     try:
         if add_to:
             base = read_manifest(out, verify=True)
+            if adapter_dtype is not None and adapter_dtype != base.lora_dtype:
+                raise ExportError(f"{out}: its backbone takes {base.lora_dtype} LoRA inputs, not {adapter_dtype}; "
+                                  f"leave the adapter dtype out with --add, or export the whole bundle")
+            lora_dtype = base.lora_dtype
             if base.source_sha256 != source_sha:
                 raise ExportError(
                     f"{out}: its backbone was built from weights {base.source_sha256[:12]}…, the checkpoint's "
@@ -448,22 +475,24 @@ def export_bundle(
                 for t in read_checkpoint_tasks(Path(other)):
                     slots |= set(read_lora(Path(other), t.adapter, model_type)) if t.adapter else set()
             slots = sorted(slots)
+            lora_dtype = adapter_dtype or ("float16" if precision == "int8" else "float32")
             # The shared trunk ends where the first adapted layer begins; with an adapter on
             # layer 0 (or none at all) there is nothing to share.
             split = min(layer for layer, _ in slots) if slots else None
             split = split or None
-            fp32_model, lora_slots = build_backbone(ckpt / "backbone", slots, split_layer=split)
+            fp32_model, lora_slots = build_backbone(ckpt / "backbone", slots, split_layer=split, lora_dtype=lora_dtype)
             graphs = {"backbone.onnx": fp32_model}
             if split:
-                graphs["top.onnx"] = build_backbone(ckpt / "backbone", slots, part="top", split_layer=split)[0]
+                graphs["top.onnx"] = build_backbone(ckpt / "backbone", slots, part="top", split_layer=split,
+                                                    lora_dtype=lora_dtype)[0]
             special = _tokenizer_info(ckpt / "backbone", stage / "tokenizer.json")
             quant = {}
             if precision == "int8":
                 n_layers = cfg.get("num_hidden_layers", cfg.get("n_layers"))
                 feeds = _calibration_feeds(stage / "tokenizer.json", samples, special, cfg["max_position_embeddings"])
                 errors = (matmul_errors(fp32_model, feeds, per_token=scheme == "per-token")
-                          if keep_fp32.startswith("auto:") else None)
-                keep = fp32_keep_nodes(model_type, n_layers, keep_fp32, errors=errors)
+                          if keep_fp32.startswith(("auto:", "auto-any:")) else None)
+                keep = fp32_keep_nodes(model_type, n_layers, keep_fp32, errors=errors, split_layer=split)
             for fname, graph in graphs.items():
                 if precision != "int8":
                     onnx.save(graph, stage / fname)
@@ -485,9 +514,10 @@ def export_bundle(
                          cfg["max_position_embeddings"], special,
                          tuple(LoraSlotSpec(s.layer, s.target, s.in_features, s.out_features) for s in lora_slots),
                          "tokenizer.json", {}, {},
-                         source_sha, quant, _producer(), "top.onnx" if split else None, split, mobile)
+                         source_sha, quant, _producer(), "top.onnx" if split else None, split, mobile,
+                         lora_dtype)
         for t in ck_tasks:
-            specs[t.name] = _write_task_files(stage, t, loras[t.name], fingerprint)
+            specs[t.name] = _write_task_files(stage, t, loras[t.name], fingerprint, lora_dtype)
         m = _finish_manifest(stage, replace(m, tasks=specs, files={"backbone.onnx": fingerprint},
                                             producer=_producer()))
         log(f"built {precision} bundle with tasks {sorted(specs)} in {time.time() - t0:.1f}s; checking…")
@@ -495,37 +525,42 @@ def export_bundle(
         # ---- self-check: fp32 graph vs torch + PEFT, and INT8 label agreement
         rows = _sample_rows(stage / "tokenizer.json", samples)
         ref = _torch_logits(ckpt, ck_tasks, rows, m.special_ids)
-        if precision == "fp32":
+        # The bundle itself is held to torch's logits only when it is the exact reference (fp32
+        # graph, float32 adapters); otherwise that reference is built beside it and checked, and
+        # the bundle's labels are compared with torch's.
+        exact = precision == "fp32" and lora_dtype == "float32"
+        if exact:
             fp32_out = _runtime_logits(stage, ck_tasks, rows)
         else:
             check = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-check-", dir=out.parent))
             try:
-                if fp32_model is None:
+                if fp32_model is None or lora_dtype != "float32":
                     slots = sorted((s.layer, s.target) for s in m.lora_slots)
                     fp32_model, _ = build_backbone(ckpt / "backbone", slots, split_layer=m.split_layer)
                 onnx.save(fp32_model, check / "backbone.onnx")
                 fp = sha256_file(check / "backbone.onnx")
                 shutil.copy2(stage / "tokenizer.json", check / "tokenizer.json")
                 cspecs = {t.name: _write_task_files(check, t, loras[t.name], fp) for t in ck_tasks}
-                _finish_manifest(check, replace(m, fingerprint=fp, precision="fp32", tasks=cspecs,
-                                                files={"backbone.onnx": fp}, quantization={},
-                                                top=None, split_layer=None, mobile={}))
+                _finish_manifest(check, replace(m, schema_version=SCHEMA_VERSION, fingerprint=fp, precision="fp32",
+                                                tasks=cspecs, files={"backbone.onnx": fp}, quantization={},
+                                                top=None, split_layer=None, mobile={}, lora_dtype="float32"))
                 fp32_out = _runtime_logits(check, ck_tasks, rows)
             finally:
                 shutil.rmtree(check, ignore_errors=True)
-            int8_out = _runtime_logits(stage, ck_tasks, rows)
+            bundle_out = _runtime_logits(stage, ck_tasks, rows)
         for t in ck_tasks:
             diff = max(float(np.abs(a - b).max()) if a.size else 0.0 for a, b in zip(fp32_out[t.name], ref[t.name]))
             checks = {"samples": len(rows), "fp32_max_logit_diff": diff, "tolerance": FP32_PARITY_TOL}
             if diff > FP32_PARITY_TOL:
                 raise ExportError(f"task {t.name!r}: exported fp32 logits differ from torch by {diff:.2e} "
                                   f"(> {FP32_PARITY_TOL}); the export is wrong, nothing was written")
-            if precision == "int8":
-                agree = [np.argmax(a, -1) == np.argmax(b, -1) for a, b in zip(int8_out[t.name], ref[t.name])]
+            if not exact:
+                what = "int8" if precision == "int8" else "fp16_adapter"
+                agree = [np.argmax(a, -1) == np.argmax(b, -1) for a, b in zip(bundle_out[t.name], ref[t.name])]
                 flat = np.concatenate([np.atleast_1d(x) for x in agree])
-                checks["int8_label_agreement"] = float(flat.mean())
-                checks["int8_max_logit_diff"] = max(float(np.abs(a - b).max()) if a.size else 0.0
-                                                    for a, b in zip(int8_out[t.name], ref[t.name]))
+                checks[f"{what}_label_agreement"] = float(flat.mean())
+                checks[f"{what}_max_logit_diff"] = max(float(np.abs(a - b).max()) if a.size else 0.0
+                                                       for a, b in zip(bundle_out[t.name], ref[t.name]))
             specs[t.name] = replace(specs[t.name], checks=checks)
             log(f"  {t.name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in checks.items()))

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; docs/quantization.md has the measurements behind the default")
     p.add_argument("--embeddings", choices=["fp32", "int8"], default=DEFAULT_EMBEDDINGS,
                    help="INT8 only: word-embedding table in fp32 or INT8 with one scale per row")
+    p.add_argument("--adapter-dtype", choices=["float16", "float32"], default=None,
+                   help="the adapters' type (and the backbone's LoRA inputs'): float16 halves each task's "
+                        "memory; a Cast makes them fp32 before the LoRA MatMuls. Default: float16 for an "
+                        "int8 bundle, float32 for an fp32 one, and the bundle's own type with --add")
     p.add_argument("--task", action="append", dest="tasks", metavar="NAME",
                    help="export only this task (repeatable); default: every task in the checkpoint")
     p.add_argument("--add", action="store_true",
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         export_bundle(args.checkpoint, args.out, precision=args.precision, scheme=args.quantization,
                       tasks=args.tasks, add_to=args.add, sample_texts=samples,
                       ort_format=not args.no_ort_format, keep_fp32=args.keep_fp32,
-                      embeddings=args.embeddings)
+                      embeddings=args.embeddings, adapter_dtype=args.adapter_dtype)
     except (ExportError, ValueError, FileNotFoundError) as e:
         print(f"mtpf-export: error: {e}", file=sys.stderr)
         return 2

@@ -78,6 +78,10 @@ class EncoderSpec:
         raise ValueError(f"cannot export model_type {mt!r}; supported: bert, distilbert")
 
 
+# The LoRA inputs' element types: manifest name -> (ONNX type, numpy type).
+LORA_DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
+
+
 def load_weights(backbone_dir: Path) -> dict[str, np.ndarray]:
     """The backbone's weights as numpy, without the task-model prefix if one is there."""
     from safetensors.numpy import load_file
@@ -113,9 +117,13 @@ class _Builder:
 
 def build_backbone(
     backbone_dir: Path, slots: list[tuple[int, str]], *, part: str = "full",
-    split_layer: int | None = None,
+    split_layer: int | None = None, lora_dtype: str = "float32",
 ) -> tuple[onnx.ModelProto, list[LoraSlot]]:
     """The encoder graph with LoRA inputs on ``slots`` ((layer, logical target) pairs).
+
+    ``lora_dtype`` is the LoRA inputs' element type: ``float32``, or ``float16`` (half the
+    memory each task's adapter holds; a Cast turns each matrix into fp32 before its MatMul,
+    so the LoRA path still computes in fp32).
 
     ``split_layer`` L (the first adapted layer) enables the shared trunk: the ``full``
     graph also outputs ``trunk_hidden``, the hidden state entering layer L, which no
@@ -124,6 +132,9 @@ def build_backbone(
     """
     if part not in ("full", "top"):
         raise ValueError(f"part must be 'full' or 'top', got {part!r}")
+    if lora_dtype not in LORA_DTYPES:
+        raise ValueError(f"lora_dtype must be one of {sorted(LORA_DTYPES)}, got {lora_dtype!r}")
+    onnx_type, np_type = LORA_DTYPES[lora_dtype]
     if part == "top" and split_layer is None:
         raise ValueError("part='top' needs split_layer")
     cfg = json.loads((backbone_dir / "config.json").read_text())
@@ -175,10 +186,13 @@ def build_backbone(
         if (layer, target) in slot_set:
             s = LoraSlot(layer, target, wt.shape[1], wt.shape[0])
             lora_slots.append(s)
-            b.const(s.a_name, np.zeros((s.in_features, 0), np.float32))
-            b.const(s.b_name, np.zeros((0, s.out_features), np.float32))
-            xa = b.op("MatMul", [x, s.a_name], name=f"lora.{layer}.{target}.matmul_A")
-            d = b.op("MatMul", [xa, s.b_name], name=f"lora.{layer}.{target}.matmul_B")
+            a_in = b.const(s.a_name, np.zeros((s.in_features, 0), np_type))
+            b_in = b.const(s.b_name, np.zeros((0, s.out_features), np_type))
+            if onnx_type != TensorProto.FLOAT:
+                a_in = b.op("Cast", [a_in], name=f"lora.{layer}.{target}.cast_A", to=TensorProto.FLOAT)
+                b_in = b.op("Cast", [b_in], name=f"lora.{layer}.{target}.cast_B", to=TensorProto.FLOAT)
+            xa = b.op("MatMul", [x, a_in], name=f"lora.{layer}.{target}.matmul_A")
+            d = b.op("MatMul", [xa, b_in], name=f"lora.{layer}.{target}.matmul_B")
             y = b.op("Add", [y, d], name=f"lora.{layer}.{target}.add")
         return y
 
@@ -235,8 +249,8 @@ def build_backbone(
     for s in lora_slots:
         # One symbolic rank per slot: adapters of different ranks share the graph.
         rank = f"rank.{s.layer}.{s.target}"
-        inputs.append(helper.make_tensor_value_info(s.a_name, TensorProto.FLOAT, [s.in_features, rank]))
-        inputs.append(helper.make_tensor_value_info(s.b_name, TensorProto.FLOAT, [rank, s.out_features]))
+        inputs.append(helper.make_tensor_value_info(s.a_name, onnx_type, [s.in_features, rank]))
+        inputs.append(helper.make_tensor_value_info(s.b_name, onnx_type, [rank, s.out_features]))
     outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
                                              ["batch", "seq", spec.hidden])]
     if part == "full" and split_layer is not None:

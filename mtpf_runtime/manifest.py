@@ -6,6 +6,8 @@ A bundle is a folder::
     backbone.onnx               frozen encoder, LoRA A/B as graph inputs with empty defaults;
                                 also outputs ``trunk_hidden`` (the input of the first adapted layer)
     top.onnx                    the adapted layers alone, from ``trunk_hidden`` (schema 2)
+                                (schema 3: ``backbone.lora_dtype`` names the LoRA inputs' type,
+                                float32 or float16; schemas 1-2 are float32)
     mobile/*.ort                the same graphs in ONNX Runtime's mobile (ORT) format (schema 2)
     tokenizer.json              Hugging Face tokenizers file
     adapters/<task>.onnx_adapter  ONNX Runtime adapter format (absent for a probe-only task)
@@ -26,9 +28,12 @@ from typing import Any
 
 from .errors import BundleError, ManifestError, SchemaVersionError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Schema 1 (no shared-trunk graph) still loads: multi-task calls then run each task in full.
-READABLE_SCHEMAS = (1, 2)
+# Schema 2 has float32 LoRA inputs; schema 3 says which type they take (``lora_dtype``).
+READABLE_SCHEMAS = (1, 2, 3)
+# The element types a backbone's LoRA inputs (and so its tasks' adapter files) may have.
+LORA_DTYPES = ("float32", "float16")
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -143,6 +148,7 @@ class Manifest:
     top: str | None = None  # top.onnx: layers split_layer.. from trunk_hidden
     split_layer: int | None = None
     mobile: dict = field(default_factory=dict)  # {"backbone": "mobile/backbone.ort", "top": ...}
+    lora_dtype: str = "float32"  # the LoRA inputs' element type; every adapter file holds this type
 
     def __post_init__(self) -> None:
         if self.schema_version not in READABLE_SCHEMAS:
@@ -161,6 +167,10 @@ class Manifest:
         for s in self.lora_slots:
             if not (0 <= s.layer < self.num_layers and 1 <= s.in_features <= 65536 and 1 <= s.out_features <= 65536):
                 raise ManifestError(f"{MANIFEST}: LoRA slot {s} has an impossible layer or shape")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ManifestError(f"{MANIFEST}: backbone.lora_dtype {self.lora_dtype!r}; expected one of {LORA_DTYPES}")
+        if self.schema_version < 3 and self.lora_dtype != "float32":
+            raise ManifestError(f"{MANIFEST}: schema {self.schema_version} has float32 LoRA inputs only")
         if self.precision not in ("fp32", "int8"):
             raise ManifestError(f"{MANIFEST}: precision {self.precision!r}; expected 'fp32' or 'int8'")
         if not _SHA.match(self.fingerprint):
@@ -231,6 +241,7 @@ class Manifest:
             top=_opt(bb, "top", str, "backbone"),
             split_layer=_opt(bb, "split_layer", int, "backbone"),
             mobile=_str_map(d.get("mobile", {}), "mobile"),
+            lora_dtype=_req(bb, "lora_dtype", str, "backbone") if version >= 3 else "float32",
         )
 
     def to_dict(self) -> dict:
@@ -243,6 +254,7 @@ class Manifest:
                 "num_layers": self.num_layers, "max_positions": self.max_positions,
                 "source_sha256": self.source_sha256, "quantization": self.quantization,
                 "top": self.top, "split_layer": self.split_layer,
+                **({"lora_dtype": self.lora_dtype} if self.schema_version >= 3 else {}),
                 "lora_slots": [{"layer": s.layer, "target": s.target, "in": s.in_features,
                                 "out": s.out_features} for s in self.lora_slots],
             },

@@ -28,6 +28,8 @@ from .manifest import MANIFEST, Manifest, TaskSpec, adapter_model_version, read_
 # Lone surrogates cannot cross into the Rust tokenizer; replacing each by one U+FFFD keeps
 # every character offset valid for the caller's original string.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# manifest backbone.lora_dtype -> what ONNX Runtime reports for an adapter parameter of that type
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,12 @@ class Runtime:
             raise FingerprintError(f"{path}: adapter made for another backbone (model_version "
                                    f"{fmt.get_model_version()}, this backbone expects "
                                    f"{adapter_model_version(self.manifest.fingerprint)})")
+        want_type = _ORT_TYPES[self.manifest.lora_dtype]
         for pname, value in params.items():
+            if value.data_type() != want_type:
+                raise BundleError(f"{path}: {pname} is {value.data_type()}; this backbone's LoRA inputs take "
+                                  f"{want_type} (manifest backbone.lora_dtype {self.manifest.lora_dtype!r}); "
+                                  f"re-export the task against this bundle")
             slot, _, which = pname.rpartition(".")
             if slot not in slot_shapes or which not in ("A", "B"):
                 raise BundleError(f"{path}: parameter {pname!r} is not a LoRA input of the backbone "

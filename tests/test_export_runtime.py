@@ -122,7 +122,7 @@ def test_manifest_records_the_self_check(bundles: dict) -> None:
         assert t["checks"]["fp32_max_logit_diff"] <= 1e-3
         assert 0.0 <= t["checks"]["int8_label_agreement"] <= 1.0
     assert m["backbone"]["precision"] == "int8" and m["backbone"]["quantization"]["int8_matmuls"] > 0
-    assert m["schema_version"] == 2 and "onnxruntime" in m["producer"]
+    assert m["schema_version"] == 3 and "onnxruntime" in m["producer"]
 
 
 def test_int8_keeps_lora_inputs_and_differs_from_fp32(bundles: dict) -> None:
@@ -296,6 +296,65 @@ def test_adapter_from_another_backbone_is_refused(bundles: dict, tmp_path: Path)
         Runtime(b)
 
 
+def _rewrite_adapter(path: Path, dtype) -> None:
+    """The adapter at ``path`` again, its matrices cast to ``dtype``, the same model version."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat.read_adapter(str(path))
+    arrays = {k: v.numpy().astype(dtype) for k, v in fmt.get_parameters().items()}
+    out = ort.AdapterFormat()
+    out.set_adapter_version(fmt.get_adapter_version())
+    out.set_model_version(fmt.get_model_version())
+    out.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    out.export_adapter(str(path))
+
+
+def test_adapter_of_the_wrong_type_is_refused(bundles: dict, tmp_path: Path) -> None:
+    """The INT8 bundle's backbone takes float16 LoRA inputs: a float32 adapter made for the same
+    backbone is refused when the bundle opens, with what it is and what was expected."""
+    from mtpf_runtime.manifest import sha256_file
+
+    b = _copy(bundles["int8"], tmp_path / "b")
+    assert Runtime(b).manifest.lora_dtype == "float16"
+    _rewrite_adapter(b / "adapters" / "tc_a.onnx_adapter", np.float32)
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["adapters/tc_a.onnx_adapter"] = sha256_file(b / "adapters" / "tc_a.onnx_adapter")
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"tc_a.onnx_adapter: lora\.1\.\w+\.[AB] is tensor\(float\); this "
+                                          r"backbone's LoRA inputs take tensor\(float16\)"):
+        Runtime(b)
+    m["backbone"]["lora_dtype"] = "bfloat16"
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="lora_dtype 'bfloat16'"):
+        Runtime(b)
+    del m["backbone"]["lora_dtype"]
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="lacks the required field 'lora_dtype'"):
+        Runtime(b)
+
+
+def test_float16_adapters_halve_the_files_and_keep_the_results(ckpt: Path, bundles: dict, tmp_path: Path) -> None:
+    """An fp32 bundle with float16 adapters against the reference (fp32, float32 adapters): the
+    adapter files are half the size, the logits differ only by the adapters' rounding, and
+    the self-check holds the reference to torch and records the bundle's own agreement."""
+    out = tmp_path / "b16"
+    m = export_bundle(ckpt, out, precision="fp32", adapter_dtype="float16", **QUIET)
+    ref = Runtime(bundles["fp32"])
+    assert m.lora_dtype == "float16" and ref.manifest.lora_dtype == "float32"
+    for name in ("ner_a", "ner_b", "tc_a"):
+        new, old = (b / "adapters" / f"{name}.onnx_adapter" for b in (out, bundles["fp32"]))
+        assert new.stat().st_size < 0.6 * old.stat().st_size
+        checks = m.tasks[name].checks
+        assert checks["fp32_max_logit_diff"] <= 1e-3 and checks["fp16_adapter_label_agreement"] >= 0.95
+    rt = Runtime(out)
+    rows = token_rows(rt, TEXTS, 64)
+    for task in ("ner_a", "ner_b"):
+        got, want = rt.token_logits(rows, task), ref.token_logits(rows, task)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(got, want) if a.size)
+        assert 0 < diff < 2e-2, (task, diff)  # rounded, not garbage
+    np.testing.assert_allclose(rt.logits(TEXTS, "tc_a"), ref.logits(TEXTS, "tc_a"), atol=2e-2)
+
+
 # ---------------------------------------------------------------- export behaviour
 def test_add_task_keeps_the_backbone(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
@@ -312,7 +371,11 @@ def test_add_task_keeps_the_backbone(ckpt: Path, tmp_path: Path) -> None:
     # ner_b uses slots (layer 0, value, ...) the ner_a-only backbone lacks.
     with pytest.raises(ExportError, match="slots"):
         export_bundle(ckpt, out, tasks=["ner_b"], add_to=True, **QUIET)
-    Runtime(out)  # the refused add left the bundle intact
+    # the added adapters take the bundle's type; another type is refused before anything is written
+    assert rt.manifest.lora_dtype == "float16"
+    with pytest.raises(ExportError, match="takes float16 LoRA inputs, not float32"):
+        export_bundle(ckpt, out, tasks=["tc_a"], add_to=True, adapter_dtype="float32", **QUIET)
+    Runtime(out)  # the refused adds left the bundle intact
 
 
 def test_failed_or_interrupted_export_leaves_old_bundle(ckpt: Path, tmp_path: Path, monkeypatch) -> None:
@@ -355,7 +418,7 @@ def test_export_cli(ckpt: Path, tmp_path: Path, capsys) -> None:
         export_main(["--help"])
     assert e.value.code == 0
     helptext = capsys.readouterr().out
-    for opt in ("--precision", "--quantization", "--keep-fp32", "--task", "--add", "--sample-file"):
+    for opt in ("--precision", "--quantization", "--keep-fp32", "--task", "--add", "--sample-file", "--adapter-dtype"):
         assert opt in helptext
     assert export_main([str(ckpt), str(tmp_path / "b"), "--task", "nope"]) == 2
     assert "nope" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 
 from ckpt_factory import make_checkpoint, ort_format_token_logits  # noqa: E402
-from mtpf_runtime import InputError, Runtime  # noqa: E402
+from mtpf_runtime import BundleError, InputError, Runtime  # noqa: E402
 
 NER = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
 # Adapters on layer 1 of 2: layer 0 is the shared trunk.
@@ -50,7 +50,9 @@ def _same(a, b, tol: float) -> None:
 
 def test_bundle_has_trunk_split(bundle: Path) -> None:
     m = json.loads((bundle / "manifest.json").read_text())
-    assert m["schema_version"] == 2
+    assert m["schema_version"] == 3
+    # an INT8 bundle's adapters are float16 by default, an fp32 bundle's float32
+    assert m["backbone"]["lora_dtype"] == ("float16" if m["backbone"]["precision"] == "int8" else "float32")
     assert m["backbone"]["split_layer"] == 1 and m["backbone"]["top"] == "top.onnx"
     assert set(m["mobile"]) == {"backbone", "top"}
 
@@ -130,7 +132,6 @@ def test_worker_threads_sleep_between_runs_unless_spin_is_asked(bundle: Path) ->
 
 
 def test_top_onnx_changed_after_opening_is_refused(bundle: Path, tmp_path: Path) -> None:
-    from mtpf_runtime import BundleError
 
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -179,6 +180,11 @@ def test_schema_1_bundle_still_loads(bundle: Path, tmp_path: Path) -> None:
         m["files"].pop(rel)
         (old / rel).unlink()
     (old / "manifest.json").write_text(json.dumps(m))
+    if m["backbone"]["lora_dtype"] != "float32":
+        # schemas 1-2 knew float32 adapters only: float16 ones under such a manifest are refused
+        with pytest.raises(BundleError, match=r"tensor\(float16\); this backbone's LoRA inputs take tensor\(float\)"):
+            Runtime(old)
+        return
     rt, new = Runtime(old, batch_size=1), Runtime(bundle, batch_size=1)
     assert not rt.shares_trunk
     got = rt.analyze(TEXTS, ["ner", "tc"])

@@ -155,8 +155,9 @@ def test_failed_fp32_reference_is_an_error_not_a_table(tiny_bert: Path, tmp_path
 
 
 def test_every_int8_recipe_names_its_embedding_table() -> None:
-    """A recipe's name says its embeddings ("-emb8": INT8 rows, else fp32); none may fall back to
-    export's default, which is INT8 and would turn an fp32-embedding recipe into an -emb8 one."""
+    """A recipe's name says its embeddings ("-emb8": INT8 rows, else fp32), its fp32 MatMul
+    ranking and its adapters' type; none may fall back to export's default, which is INT8
+    embeddings and float16 adapters and would turn a recipe into another one."""
     from mtpf_benchmarks.quality import RECIPES
 
     for name, kw in RECIPES.items():
@@ -166,7 +167,10 @@ def test_every_int8_recipe_names_its_embedding_table() -> None:
         assert kw.get("scheme") == ("per-token" if "-tok-" in name else "static" if name.startswith("static")
                                     else "per-tensor" if name == "int8-tensor" else "per-channel"), name
         if "-auto" in name:
-            assert kw["keep_fp32"] == "auto:" + name.split("-auto")[1].split("-")[0], name
+            assert kw["keep_fp32"] == "auto-any:" + name.split("-auto")[1].split("-")[0], name
+        if "-trunk" in name:
+            assert kw["keep_fp32"] == "auto:" + name.split("-trunk")[1].split("-")[0], name
+        assert kw.get("adapter_dtype") == ("float16" if "-a16" in name else "float32"), name
 
 
 def test_sample_file_ranks_the_matmuls_of_every_recipe(tiny_bert: Path, tmp_path: Path, capsys) -> None:

@@ -55,8 +55,19 @@ def test_keep_fp32_specs() -> None:
                                                               "encoder.layer.1.attention.self.query.matmul"]
     errors = {"a": 0.1, "b": 0.3, "c": 0.2}
     assert fp32_keep_nodes("bert", 2, "auto:2", errors=errors) == ["b", "c"]
+    # With a shared trunk, auto:N takes the trunk's MatMuls first, each group in rank order;
+    # auto-any:N ranks every layer alike.
+    q, f = "attention.self.query.matmul", "intermediate.dense.matmul"
+    errors = {f"encoder.layer.0.{q}": 0.1, f"encoder.layer.0.{f}": 0.2, f"encoder.layer.1.{q}": 0.5,
+              f"encoder.layer.1.{f}": 0.4, f"encoder.layer.2.{f}": 0.9}
+    assert fp32_keep_nodes("bert", 3, "auto:1", errors=errors, split_layer=2) == [f"encoder.layer.1.{q}"]
+    assert fp32_keep_nodes("bert", 3, "auto:3", errors=errors, split_layer=1) == [
+        f"encoder.layer.0.{f}", f"encoder.layer.0.{q}", f"encoder.layer.2.{f}"]  # the trunk has 2: fill up
+    assert fp32_keep_nodes("bert", 3, "auto:2", errors=errors) == [f"encoder.layer.2.{f}", f"encoder.layer.1.{q}"]
+    assert fp32_keep_nodes("bert", 3, "auto-any:2", errors=errors, split_layer=2) == [
+        f"encoder.layer.2.{f}", f"encoder.layer.1.{q}"]
     for bad, what in (("ffn_up", "unknown target"), ("ffn_out@2", "not in 0..1"), ("auto:x", "needs a count"),
-                      ("auto:-1", "needs a count"), (",", "a preset")):
+                      ("auto:-1", "needs a count"), ("auto-any:", "auto-any needs a count"), (",", "a preset")):
         with pytest.raises(ExportError, match=what):
             fp32_keep_nodes("bert", 2, bad, errors=errors)
     with pytest.raises(ExportError, match="sensitivities"):
@@ -185,6 +196,7 @@ def test_int8_embeddings_are_per_row_and_keep_the_lora_inputs(ckpt: Path) -> Non
     {"scheme": "per-tensor", "keep_fp32": "ffn_out@1", "embeddings": "fp32"},
     {"scheme": "per-token", "keep_fp32": "none", "embeddings": "int8"},
     {"scheme": "per-token", "keep_fp32": "auto:3", "embeddings": "fp32"},
+    {"scheme": "per-token", "keep_fp32": "auto-any:3", "embeddings": "int8", "adapter_dtype": "float32"},
 ])
 def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_path: Path, recipe: dict) -> None:
     out = tmp_path / "b"
@@ -193,9 +205,12 @@ def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_
     assert q["scheme"] == recipe["scheme"]
     assert q["embeddings"] == recipe["embeddings"]
     assert q["fp32_preset"] == recipe["keep_fp32"]
-    if recipe["keep_fp32"].startswith("auto:"):
+    if recipe["keep_fp32"].startswith("auto"):
+        # The ner adapter is on layer 1 of 2: layer 0 is the shared trunk, and auto:N keeps its
+        # MatMuls first; auto-any:N ranks both layers.
         errors = q["matmul_int8_errors"]
-        want = sorted(errors, key=lambda k: -errors[k])[:3]
+        pool = [k for k in errors if k.startswith("encoder.layer.0.") or recipe["keep_fp32"].startswith("auto-any")]
+        want = sorted(pool, key=lambda k: -errors[k])[:3]
         assert sorted(q["fp32_matmuls_kept"]) == sorted(want)
     elif recipe["keep_fp32"] == "ffn_out@1":
         assert q["fp32_matmuls_kept"] == ["encoder.layer.1.output.dense.matmul"]
@@ -215,15 +230,18 @@ def test_recipes_export_serve_and_stay_close(ckpt: Path, fp32_bundle: Path, tmp_
 
 def test_default_recipe(ckpt: Path, tmp_path: Path) -> None:
     """The default is the study's pick (docs/quantization.md): per-token activation scales, the 6
-    most sensitive weight MatMuls (under per-token INT8) fp32, and per-row INT8 embeddings."""
-    q = export_bundle(ckpt, tmp_path / "d", **QUIET).quantization
-    assert (q["scheme"], q["fp32_preset"], q["embeddings"]) == ("per-token", "auto:6", "int8")
+    most sensitive weight MatMuls (under per-token INT8) of the shared trunk fp32, per-row INT8
+    embeddings, and float16 adapters."""
+    m = export_bundle(ckpt, tmp_path / "d", **QUIET)
+    q = m.quantization
+    assert (q["scheme"], q["fp32_preset"], q["embeddings"], m.lora_dtype) == ("per-token", "auto:6", "int8", "float16")
     # the ranking is made under the scheme the bundle ships: per-token errors, not ONNX Runtime's per-tensor ones
     pc = export_bundle(ckpt, tmp_path / "pc", scheme="per-channel", **QUIET).quantization["matmul_int8_errors"]
     assert sorted(pc) == sorted(q["matmul_int8_errors"])
     assert sum(q["matmul_int8_errors"].values()) < sum(pc.values())
-    errors = q["matmul_int8_errors"]
-    assert sorted(q["fp32_matmuls_kept"]) == sorted(sorted(errors, key=lambda k: -errors[k])[:6])
+    # the trunk (layer 0; the adapter is on layer 1) has exactly 6 weight MatMuls: auto:6 keeps them all
+    assert sorted(q["fp32_matmuls_kept"]) == sorted(k for k in q["matmul_int8_errors"] if k.startswith("encoder.layer.0."))
+    assert len(q["fp32_matmuls_kept"]) == 6
 
 
 def test_cli_recipe_errors(ckpt: Path, tmp_path: Path, capsys) -> None:
