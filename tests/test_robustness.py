@@ -273,6 +273,8 @@ def _faults():
         ("hidden_size declared as 10^9", edit(lambda m: m["backbone"].__setitem__("hidden_size", 10**9))),
         ("200,000 labels declared", edit(lambda m: m["tasks"]["tc"].__setitem__("labels", [str(i) for i in range(200_000)]))),
         ("unknown task kind", edit(lambda m: m["tasks"]["tc"].__setitem__("kind", "qa"))),
+        ("manifest names the other adapter type (`lora_dtype`)", edit(lambda m: m["backbone"].__setitem__(
+            "lora_dtype", {"float16": "float32", "float32": "float16"}[m["backbone"]["lora_dtype"]]))),
     ]
 
 
