@@ -65,6 +65,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # auto:6 from the shared trunk first; with float16 adapters, the default since session 17
     "int8-tok-trunk6-emb8": _r("per-token", "auto:6", "int8"),
     "int8-tok-trunk6-a16-emb8": _r("per-token", "auto:6", "int8", "float16"),
+    "int8-tok-trunk5+1-a16-emb8": _r("per-token", "auto:5+1", "int8", "float16"),
     "static-all": _r("static", "none", "fp32"),
     "static-ffn": _r("static", "ffn", "fp32"),
 }

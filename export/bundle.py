@@ -40,8 +40,9 @@ DEFAULT_EMBEDDINGS = "int8"
 
 def keep_fp32_help() -> str:
     return (f"a preset ({', '.join(FP32_PRESETS)}), 'auto:N' (the N weight MatMuls whose output dynamic "
-            f"INT8 changes most on the sample texts, taken from the shared trunk first when the bundle "
-            f"has one), 'auto-any:N' (the same ranking over every layer), or a comma list of "
+            f"INT8 changes most on the sample texts, taken from the shared trunk when the bundle has one), "
+            f"'auto:N+M' (N from the trunk and M from the adapted layers), 'auto-any:N' (the same ranking "
+            f"over every layer), or a comma list of "
             f"target[@layer] items from query,key,value,attn_out,ffn_in,ffn_out (e.g. 'ffn_out@5,ffn_in@5')")
 
 
@@ -49,13 +50,14 @@ def fp32_keep_nodes(model_type: str, n_layers: int, spec: str = DEFAULT_FP32, *,
                     errors: dict[str, float] | None = None, split_layer: int | None = None) -> list[str]:
     """Graph node names of the weight MatMuls that ``spec`` keeps in fp32.
 
-    ``errors`` (node -> sensitivity, ``quantize.matmul_errors``) is needed for ``auto:N`` and
-    ``auto-any:N``. With a shared trunk (``split_layer``: the first adapted layer), ``auto:N``
-    takes the N most sensitive MatMuls of the trunk (layers below ``split_layer``) and only
-    fills up from the adapted layers when the trunk has fewer than N. Layers from
-    ``split_layer`` on run once per task in a multi-task call (``Runtime.analyze``), the trunk
-    once per text, and fp32 MatMuls are the slow ones (docs/quantization.md). ``auto-any:N``
-    ranks every layer alike.
+    ``errors`` (node -> sensitivity, ``quantize.matmul_errors``) is needed for ``auto:N``,
+    ``auto:N+M`` and ``auto-any:N``. With a shared trunk (``split_layer``: the first adapted
+    layer), ``auto:N+M`` takes the N most sensitive MatMuls of the trunk (layers below
+    ``split_layer``) and the M most sensitive of the adapted layers; ``auto:N`` is
+    ``auto:N+0``. A trunk with fewer than N MatMuls is filled up from the adapted layers.
+    Layers from ``split_layer`` on run once per task in a multi-task call (``Runtime.analyze``),
+    the trunk once per text, and fp32 MatMuls are the slow ones (docs/quantization.md).
+    ``auto-any:N`` ranks every layer alike; without a trunk, ``auto:N+M`` is ``auto-any:N+M``.
     """
     arch = arch_for(model_type)
 
@@ -67,24 +69,29 @@ def fp32_keep_nodes(model_type: str, n_layers: int, spec: str = DEFAULT_FP32, *,
         return [node(i, t) for i in range(n_layers) for t in FP32_PRESETS[spec]]
     if spec.startswith(("auto:", "auto-any:")):
         kind, _, count = spec.partition(":")
+        trunk_n, plus, top_n = count.partition("+")
         try:
-            n = int(count)
+            n, m = int(trunk_n), int(top_n) if plus else 0
         except ValueError:
-            n = -1
-        if n < 0:
-            raise ExportError(f"keep_fp32 {spec!r}: {kind} needs a count, e.g. {kind}:4")
+            n = m = -1
+        if n < 0 or m < 0 or (plus and kind != "auto"):
+            raise ExportError(f"keep_fp32 {spec!r}: {kind} needs a count, e.g. {kind}:4"
+                              + (" or auto:4+1" if kind == "auto" else ""))
         if errors is None:
             raise ExportError(f"keep_fp32 {spec!r} needs the MatMul sensitivities (matmul_errors)")
         ranked = sorted(errors, key=lambda k: -errors[k])
-        if kind == "auto" and split_layer:
-            prefix = f"{arch.layers}."
+        if kind == "auto-any" or not split_layer:
+            return ranked[:n + m]
+        prefix = f"{arch.layers}."
 
-            def in_trunk(name: str) -> bool:
-                layer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
-                return layer.isdigit() and int(layer) < split_layer
+        def in_trunk(name: str) -> bool:
+            layer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+            return layer.isdigit() and int(layer) < split_layer
 
-            ranked = [k for k in ranked if in_trunk(k)] + [k for k in ranked if not in_trunk(k)]
-        return ranked[:n]
+        trunk, top = [k for k in ranked if in_trunk(k)], [k for k in ranked if not in_trunk(k)]
+        keep = trunk[:n] + top[:m]
+        # a trunk with fewer than n MatMuls is filled up from the adapted layers, in rank order
+        return keep + top[m:][: n + m - len(keep)]
     out = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
         target, _, layer = item.partition("@")

@@ -66,8 +66,15 @@ def test_keep_fp32_specs() -> None:
     assert fp32_keep_nodes("bert", 3, "auto:2", errors=errors) == [f"encoder.layer.2.{f}", f"encoder.layer.1.{q}"]
     assert fp32_keep_nodes("bert", 3, "auto-any:2", errors=errors, split_layer=2) == [
         f"encoder.layer.2.{f}", f"encoder.layer.1.{q}"]
+    # auto:N+M: N from the trunk, M from the adapted layers
+    assert fp32_keep_nodes("bert", 3, "auto:1+1", errors=errors, split_layer=1) == [
+        f"encoder.layer.0.{f}", f"encoder.layer.2.{f}"]
+    assert fp32_keep_nodes("bert", 3, "auto:0+2", errors=errors, split_layer=2) == [f"encoder.layer.2.{f}"]
+    assert fp32_keep_nodes("bert", 3, "auto:1+1", errors=errors) == [f"encoder.layer.2.{f}", f"encoder.layer.1.{q}"]
     for bad, what in (("ffn_up", "unknown target"), ("ffn_out@2", "not in 0..1"), ("auto:x", "needs a count"),
-                      ("auto:-1", "needs a count"), ("auto-any:", "auto-any needs a count"), (",", "a preset")):
+                      ("auto:-1", "needs a count"), ("auto-any:", "auto-any needs a count"),
+                      ("auto:1+x", "or auto:4\\+1"),
+                      ("auto-any:1+1", "auto-any needs a count"), (",", "a preset")):
         with pytest.raises(ExportError, match=what):
             fp32_keep_nodes("bert", 2, bad, errors=errors)
     with pytest.raises(ExportError, match="sensitivities"):
