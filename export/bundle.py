@@ -211,9 +211,13 @@ def write_adapter(path: Path, lora: dict, fingerprint: str, dtype: str = "float3
 
     # AdapterFormat keeps only the OrtValues: keep the numpy arrays alive until export.
     arrays = {}
-    for (layer, target), (a, b) in sorted(lora.items()):
-        arrays[graph_input_name(layer, target, "A")] = np.ascontiguousarray(a, LORA_DTYPES[dtype][1])
-        arrays[graph_input_name(layer, target, "B")] = np.ascontiguousarray(b, LORA_DTYPES[dtype][1])
+    for (layer, target), pair in sorted(lora.items()):
+        for which, x in zip("AB", pair):
+            name = graph_input_name(layer, target, which)
+            arrays[name] = np.ascontiguousarray(x, LORA_DTYPES[dtype][1])
+            if not np.isfinite(arrays[name]).all() and np.isfinite(x).all():
+                raise ExportError(f"adapter {path.name}: {name} has values beyond {dtype}'s range (largest "
+                                  f"|value| {float(np.abs(x).max()):.3g}); export with --adapter-dtype float32")
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(SCHEMA_VERSION)
     fmt.set_model_version(adapter_model_version(fingerprint))

@@ -355,6 +355,16 @@ def test_float16_adapters_halve_the_files_and_keep_the_results(ckpt: Path, bundl
     np.testing.assert_allclose(rt.logits(TEXTS, "tc_a"), ref.logits(TEXTS, "tc_a"), atol=2e-2)
 
 
+def test_adapter_values_beyond_float16_are_refused(tmp_path: Path) -> None:
+    """A LoRA matrix float16 cannot hold is refused by name, not written as inf."""
+    from mtpf_export.bundle import write_adapter
+
+    lora = {(1, "query"): (np.full((4, 2), 7e4, np.float32), np.ones((2, 4), np.float32))}
+    with pytest.raises(ExportError, match=r"lora\.1\.query\.A has values beyond float16's range .*7e\+04"):
+        write_adapter(tmp_path / "x.onnx_adapter", lora, "0" * 64, "float16")
+    write_adapter(tmp_path / "x.onnx_adapter", lora, "0" * 64, "float32")  # float32 holds them
+
+
 # ---------------------------------------------------------------- export behaviour
 def test_add_task_keeps_the_backbone(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "b"
