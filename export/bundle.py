@@ -82,13 +82,8 @@ def fp32_keep_nodes(model_type: str, n_layers: int, spec: str = DEFAULT_FP32, *,
         ranked = sorted(errors, key=lambda k: -errors[k])
         if kind == "auto-any" or not split_layer:
             return ranked[:n + m]
-        prefix = f"{arch.layers}."
-
-        def in_trunk(name: str) -> bool:
-            layer = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
-            return layer.isdigit() and int(layer) < split_layer
-
-        trunk, top = [k for k in ranked if in_trunk(k)], [k for k in ranked if not in_trunk(k)]
+        in_trunk = {node(i, t) for i in range(split_layer) for t in arch.modules}
+        trunk, top = [k for k in ranked if k in in_trunk], [k for k in ranked if k not in in_trunk]
         keep = trunk[:n] + top[:m]
         # a trunk with fewer than n MatMuls is filled up from the adapted layers, in rank order
         return keep + top[m:][: n + m - len(keep)]

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mtpf_runtime.manifest import LORA_DTYPES
+
 from .bundle import DEFAULT_EMBEDDINGS, DEFAULT_FP32, ExportError, export_bundle, keep_fp32_help, read_sample_file
 from .quantize import DEFAULT_SCHEME, SCHEMES
 
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; docs/quantization.md has the measurements behind the default")
     p.add_argument("--embeddings", choices=["fp32", "int8"], default=DEFAULT_EMBEDDINGS,
                    help="INT8 only: word-embedding table in fp32 or INT8 with one scale per row")
-    p.add_argument("--adapter-dtype", choices=["float16", "float32"], default=None,
+    p.add_argument("--adapter-dtype", choices=list(LORA_DTYPES), default=None,
                    help="the adapters' type (and the backbone's LoRA inputs'): float16 halves each task's "
                         "memory; a Cast makes them fp32 before the LoRA MatMuls. Default: float16 for an "
                         "int8 bundle, float32 for an fp32 one, and the bundle's own type with --add")
