@@ -135,8 +135,8 @@ class Runtime:
         want_type = _ORT_TYPES[self.manifest.lora_dtype]
         for pname, value in params.items():
             if value.data_type() != want_type:
-                raise BundleError(f"{path}: {pname} is {value.data_type()}; this backbone's LoRA inputs take "
-                                  f"{want_type} (manifest backbone.lora_dtype {self.manifest.lora_dtype!r}); "
+                raise BundleError(f"{path}: {pname} is {value.data_type()}, but this backbone's LoRA inputs take "
+                                  f"{want_type} (manifest backbone.lora_dtype {self.manifest.lora_dtype!r}): "
                                   f"re-export the task against this bundle")
             slot, _, which = pname.rpartition(".")
             if slot not in slot_shapes or which not in ("A", "B"):

@@ -320,7 +320,7 @@ def test_adapter_of_the_wrong_type_is_refused(bundles: dict, tmp_path: Path) -> 
     m = json.loads((b / "manifest.json").read_text())
     m["files"]["adapters/tc_a.onnx_adapter"] = sha256_file(b / "adapters" / "tc_a.onnx_adapter")
     (b / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(BundleError, match=r"tc_a.onnx_adapter: lora\.1\.\w+\.[AB] is tensor\(float\); this "
+    with pytest.raises(BundleError, match=r"tc_a.onnx_adapter: lora\.1\.\w+\.[AB] is tensor\(float\), but this "
                                           r"backbone's LoRA inputs take tensor\(float16\)"):
         Runtime(b)
     m["backbone"]["lora_dtype"] = "bfloat16"

@@ -182,7 +182,7 @@ def test_schema_1_bundle_still_loads(bundle: Path, tmp_path: Path) -> None:
     (old / "manifest.json").write_text(json.dumps(m))
     if m["backbone"]["lora_dtype"] != "float32":
         # schemas 1-2 knew float32 adapters only: float16 ones under such a manifest are refused
-        with pytest.raises(BundleError, match=r"tensor\(float16\); this backbone's LoRA inputs take tensor\(float\)"):
+        with pytest.raises(BundleError, match=r"tensor\(float16\), but this backbone's LoRA inputs take tensor\(float\)"):
             Runtime(old)
         return
     rt, new = Runtime(old, batch_size=1), Runtime(bundle, batch_size=1)

@@ -323,7 +323,9 @@ def _outcome(fn) -> str:
         msg = str(e).split(";")[0]
         msg = re.sub(r"(^|\s)/[^\s:]+", r"\1<path>", msg)  # tmp paths differ per run
         msg = re.sub(r"[0-9a-f]{64}|[0-9a-f]{12}…", "<sha256>", msg)
-        return f"`{type(e).__name__}`: {msg[:90]}"
+        if len(msg) > 140:  # cut at a word, and say so
+            msg = msg[:140].rsplit(" ", 1)[0] + " …"
+        return f"`{type(e).__name__}`: {msg}"
     return f"returns `{got!r}`"[:80]
 
 
