@@ -371,6 +371,25 @@ def test_ner_backbone_lr_scale_zero_keeps_the_backbone_out_of_ner_steps(tiny_ber
         dataclasses.replace(cfg, ner_backbone_lr_scale=1.5)
 
 
+def test_lr_lora_ner_sets_the_ner_loras_lr_alone(tiny_bert: Path, toy_root: Path):
+    cfg = dataclasses.replace(tiny_cfg(tiny_bert, toy_root), mode="tpl", lr_lora=5e-4, lr_lora_ner=1e-4)
+    student, _, _ = pt.build_student(tiny_bert, cfg)
+    opts = pt.build_optimizers(student, cfg)
+    lrs = {k: sorted(g["lr"] for g in o.param_groups) for k, o in opts.items()}
+    # the NER optimizer holds its head (lr_head) and its LoRA; the TC LoRA keeps lr_lora
+    assert lrs == {"backbone": [cfg.lr_backbone], "ner": [1e-4, cfg.lr_head], "tc": [5e-4]}
+    ner_lora = {id(p) for n, p in student.encoder.named_parameters() if ".pf_ner." in n}
+    (group,) = [g for g in opts["ner"].param_groups if g["lr"] == 1e-4]
+    assert {id(p) for p in group["params"]} == ner_lora and ner_lora
+    unset = pt.build_optimizers(student, dataclasses.replace(cfg, lr_lora_ner=None))
+    assert sorted(g["lr"] for g in unset["ner"].param_groups) == [5e-4, cfg.lr_head]
+    assert pt.config_from_args(pt.build_parser().parse_args(["x", "--lr-lora-ner", "2e-5"])).lr_lora_ner == 2e-5
+    with pytest.raises(ValueError, match="must be > 0"):
+        dataclasses.replace(cfg, lr_lora_ner=0.0)
+    with pytest.raises(ValueError, match="has no task LoRAs"):
+        dataclasses.replace(cfg, mode="naive")
+
+
 def test_embedding_drift_by_hand():
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
     assert embedding_drift(a, torch.tensor([[3.0, 0.0], [0.0, 1.0]])).item() == 0.0  # scale is not drift

@@ -126,6 +126,8 @@ class PretrainConfig:
                                    "batch) | ner+tc (also the anchor texts of the last TC batch, at most "
                                    "ner_batch_size of them)")
     lr_lora: float = _f(5e-4, "AdamW lr of the task LoRAs (LoRA tolerates ~10-50x the full lr)")
+    lr_lora_ner: float | None = _f(None, "AdamW lr of the NER LoRA alone (tpl); default: lr_lora. Lower leaves "
+                                   "more of the NER loss to the shared encoder instead of the LoRA on its top layers")
     lr_head: float = _f(1e-3, "AdamW lr of the NER cluster head (fresh, so fast)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup: float = _f(0.1, "fraction of steps with linear warmup; then linear decay to 0")
@@ -196,6 +198,11 @@ class PretrainConfig:
         if self.ner_projection_texts != "ner" and not (self.ner_projection_iterations > 0 and "tc" in self.tasks):
             raise ValueError("ner_projection_texts ner+tc holds TC texts in the NER projection: it needs "
                              "ner_projection_iterations > 0 and a mode with TC steps (naive or tpl)")
+        if self.lr_lora_ner is not None:
+            if self.mode != "tpl":
+                raise ValueError(f"lr_lora_ner sets the NER LoRA's lr; mode {self.mode!r} has no task LoRAs (use tpl)")
+            if not self.lr_lora_ner > 0:
+                raise ValueError(f"lr_lora_ner must be > 0, got {self.lr_lora_ner} (leave it unset for lr_lora)")
         if self.temperature <= 0 or self.ner_weight < 0 or self.tc_weight < 0:
             raise ValueError("temperature must be > 0 and loss weights >= 0")
         if not 0 <= self.warmup < 1:
@@ -596,7 +603,8 @@ def build_optimizers(student: Student, cfg: PretrainConfig) -> dict[str, torch.o
         groups["ner"].append({"params": list(student.ner_head.parameters()), "lr": cfg.lr_head})
     for t in ("ner", "tc"):
         if lora[t]:
-            groups[t].append({"params": lora[t], "lr": cfg.lr_lora})
+            lr = cfg.lr_lora_ner if t == "ner" and cfg.lr_lora_ner is not None else cfg.lr_lora
+            groups[t].append({"params": lora[t], "lr": lr})
     opts = {}
     for k, g in groups.items():
         if g:
@@ -1071,7 +1079,7 @@ def _parse_value(f: dataclasses.Field, text: str) -> Any:
         return tuple(int(s) for s in items) if default and isinstance(default[0], int) else tuple(items)
     if f.name == "lora_layers":
         return int(text) if text.isdigit() else text
-    if isinstance(default, float):
+    if isinstance(default, float) or (default is None and "float" in str(f.type)):
         return float(text)
     if isinstance(default, int):
         return int(text)
