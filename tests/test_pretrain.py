@@ -384,6 +384,8 @@ def test_lr_lora_ner_sets_the_ner_loras_lr_alone(tiny_bert: Path, toy_root: Path
     unset = pt.build_optimizers(student, dataclasses.replace(cfg, lr_lora_ner=None))
     assert sorted(g["lr"] for g in unset["ner"].param_groups) == [5e-4, cfg.lr_head]
     assert pt.config_from_args(pt.build_parser().parse_args(["x", "--lr-lora-ner", "2e-5"])).lr_lora_ner == 2e-5
+    with pytest.raises(ValueError, match="--lr-lora-ner 'fast'"):
+        pt.config_from_args(pt.build_parser().parse_args(["x", "--lr-lora-ner", "fast"]))
     with pytest.raises(ValueError, match="must be > 0"):
         dataclasses.replace(cfg, lr_lora_ner=0.0)
     with pytest.raises(ValueError, match="has no task LoRAs"):

@@ -1116,7 +1116,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
         if isinstance(f.default, bool):
             values[f.name] = v
         elif v is not None:
-            values[f.name] = _parse_value(f, v)
+            try:
+                values[f.name] = _parse_value(f, v)
+            except ValueError as e:  # say which flag: float('x') alone names none
+                raise ValueError(f"--{f.name.replace('_', '-')} {v!r}: {e}") from None
     return PretrainConfig(**values)
 
 
