@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("psutil")
 
 from ckpt_factory import make_checkpoint  # noqa: E402
+from mtpf_benchmarks.latency import round_ratios  # noqa: E402
 from mtpf_benchmarks.merged import build_merged_bundle  # noqa: E402
 from mtpf_export.bundle import export_bundle  # noqa: E402
 from mtpf_runtime import Runtime  # noqa: E402
@@ -71,6 +72,29 @@ def test_merged_model_is_the_same_function(setup: dict[str, Path], task: str) ->
             assert a.shape == b.shape
             assert a.size == 0 or np.abs(a - b).max() <= 1e-4
         assert max(np.abs(a - b).max() for a, b in zip(floor.token_logits(rows, task), got) if a.size) > 1e-3
+
+
+def test_round_ratios_pair_each_round_and_bound_the_median() -> None:
+    """Load that changes between rounds hits both calls of a round alike, so the per-round ratio
+    is exact under it; the 95% interval covers the true ratio about 95% of the time."""
+    load = np.repeat([1.0, 3.0, 1.0, 3.0, 3.0], 10)
+    a, b = 10.0 * load, 11.0 * load
+    b[::10] *= 4  # one call in ten hit by a hiccup of its own
+    got = round_ratios(a, b)
+    assert got["ratio"] == pytest.approx(10 / 11)
+    assert got["ratio_ci95"] == pytest.approx([10 / 11, 10 / 11])
+
+    rng = np.random.default_rng(1)
+    def draws(n: int) -> list[dict]:
+        return [round_ratios(rng.lognormal(0, 0.1, n) * 1.05, rng.lognormal(0, 0.1, n), resamples=500)
+                for _ in range(200)]
+    short, long_ = draws(20), draws(300)
+    for rs in (short, long_):
+        assert all(r["ratio_ci95"][0] <= r["ratio"] <= r["ratio_ci95"][1] for r in rs)
+        cover = np.mean([r["ratio_ci95"][0] <= 1.05 <= r["ratio_ci95"][1] for r in rs])
+        assert 0.85 <= cover <= 0.995, cover
+    width = lambda rs: np.median([np.ptp(r["ratio_ci95"]) for r in rs])  # noqa: E731
+    assert width(long_) < width(short) / 2.5  # ~sqrt(15) narrower with 15x the rounds
 
 
 def _finite_positive(x: object) -> bool:
@@ -128,6 +152,14 @@ def test_quick_benchmark_runs_and_writes_sane_results(setup: dict[str, Path]) ->
     assert {t["target"] for t in res["targets"]} >= {"adapter_overhead", "rss_k_over_merged1",
                                                       "merged_k_over_mtpf", "throughput_b32"}
     assert all(t["status"] in ("PASS", "FAIL", "SKIP") for t in res["targets"])
+    for t in res["targets"]:
+        if t["target"] in ("adapter_overhead", "throughput_b32", "shared_trunk"):  # interleaved: an interval
+            lo, hi = t["ci95"]
+            assert lo <= t["value"] <= hi, t
+            bound = float(t["bound"].split()[1])
+            assert ("not resolved" in t.get("note", "")) == (lo <= bound <= hi), t
+    for x in res["paired"]["throughput"]["tasks"].values():
+        assert x["n"] == res["params"]["throughput_rounds"] and x["ratio_ci95"][0] <= x["ratio"], x
     if importlib.util.find_spec("matplotlib"):  # the bench extra installs it
         for png in ("latency_vs_seq.png", "memory_vs_tasks.png"):
             assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
