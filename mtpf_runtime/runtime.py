@@ -181,11 +181,7 @@ class Runtime:
                 if self._verify and hashlib.sha256(data).hexdigest() != self.manifest.files.get(rel):
                     raise BundleError(f"{path}: sha256 differs from {MANIFEST} (changed after the bundle "
                                       f"was opened); re-export the bundle")
-                try:
-                    holder["session"] = ort.InferenceSession(data, self._top_opts,
-                                                             providers=["CPUExecutionProvider"])
-                except Exception as e:
-                    raise BundleError(f"{path}: ONNX Runtime cannot load it ({e})") from None
+                holder["session"] = _session(path, self._top_opts, data)
             return holder["session"]
 
     def without_adapters(self) -> Runtime:
@@ -468,9 +464,19 @@ class Runtime:
         return decode_bio(tags, scores, wspans, text)
 
 
-def _session(path: Path, opts: ort.SessionOptions) -> ort.InferenceSession:
+# ONNX Runtime fuses each residual Add + LayerNormalization of top.onnx into its contrib
+# SkipLayerNormalization, whose CPU kernel took 165 us where the plain LayerNormalization takes
+# 22 us (66 x 384, one thread, ONNX Runtime 1.32): top.onnx ran 6-13% slower fused (the INT8 and
+# fp32 bundles, seq 16-128, batch 1 and 8, 1 and 2 threads; docs/benchmarks.md). backbone.onnx
+# is not fused either way. Outputs differ by < 4e-6.
+_DISABLED_OPTIMIZERS = ["SkipLayerNormFusion"]
+
+
+def _session(path: Path, opts: ort.SessionOptions, data: bytes | None = None) -> ort.InferenceSession:
+    """A CPU session on ``path`` (or on ``data``, the bytes already read and checked from it)."""
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path) if data is None else data, opts, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=_DISABLED_OPTIMIZERS)
     except Exception as e:
         raise BundleError(f"{path}: ONNX Runtime cannot load it ({e})") from None
 

@@ -131,6 +131,28 @@ def test_worker_threads_sleep_between_runs_unless_spin_is_asked(bundle: Path) ->
         Runtime(bundle, spin="no")  # type: ignore[arg-type]
 
 
+def test_sessions_keep_layer_norm_unfused(bundle: Path, tmp_path: Path) -> None:
+    """ONNX Runtime would fuse top.onnx's residual Add + LayerNormalization into its slower
+    SkipLayerNormalization kernel; the runtime's sessions keep the plain ops."""
+    import onnx
+    import onnxruntime as ort
+
+    from mtpf_runtime.runtime import _session
+
+    def optimized_ops(name: str, make) -> set[str]:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+        make(opts)
+        return {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+
+    top = bundle / "top.onnx"
+    default = optimized_ops("default", lambda o: ort.InferenceSession(str(top), o, providers=["CPUExecutionProvider"]))
+    assert "SkipLayerNormalization" in default  # what the runtime turns off
+    ours = optimized_ops("runtime", lambda o: _session(top, o))
+    assert "SkipLayerNormalization" not in ours and "LayerNormalization" in ours
+    assert "SkipLayerNormalization" not in optimized_ops("from_bytes", lambda o: _session(top, o, top.read_bytes()))
+
+
 def test_top_onnx_changed_after_opening_is_refused(bundle: Path, tmp_path: Path) -> None:
 
     copy = tmp_path / "b"
