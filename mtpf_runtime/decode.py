@@ -94,7 +94,7 @@ def decode_bio(
     def close() -> None:
         if cur:
             start, end = word_spans[cur[0]][0], word_spans[cur[-1]][1]
-            score = float(np.mean([word_scores[i] for i in cur]))
+            score = sum(word_scores[i] for i in cur) / len(cur)
             entities.append(Entity(cur_type, start, end, text[start:end], score))
             cur.clear()
 

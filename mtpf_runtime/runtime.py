@@ -328,8 +328,7 @@ class Runtime:
                 results.append(Classification(spec.labels[i], float(p[i]),
                                               {lab: float(v) for lab, v in zip(spec.labels, p)}))
             else:
-                probs = [softmax(outputs[k]) for k in idx]
-                results.append(self._decode_words(text, enc_of[text], spans, probs, spec))
+                results.append(self._decode_words(text, enc_of[text], spans, [outputs[k] for k in idx], spec))
         return results
 
     def _run_grouped(self, rows: list[list[int]], row_spec: list[TaskSpec]) -> list[np.ndarray]:
@@ -438,30 +437,40 @@ class Runtime:
         return out  # type: ignore[return-value]
 
     def _decode_words(self, text: str, enc: Encoding, spans: list[tuple[int, int]],
-                      probs: list[np.ndarray], spec: TaskSpec) -> list[Entity]:
-        word_ids = enc.word_ids
-        offsets = enc.offsets
+                      logits: list[np.ndarray], spec: TaskSpec) -> list[Entity]:
+        """Per-window token logits -> one tag per word (its first token, read in the window
+        where that token has the most context) -> entities.
+
+        One softmax and one argmax over all the words' rows: a per-word numpy call costs
+        microseconds each, which a 64-word text with many entities adds up to ~0.3 ms."""
         first: dict[int, int] = {}
         char_span: dict[int, list[int]] = {}
-        for pos, w in enumerate(word_ids):
+        for pos, (w, (s, e)) in enumerate(zip(enc.word_ids, enc.offsets)):
             if w is None:
                 continue
-            first.setdefault(w, pos)
-            s, e = offsets[pos]
             if w in char_span:
                 char_span[w][1] = max(char_span[w][1], e)
             else:
+                first[w] = pos
                 char_span[w] = [s, e]
-        tags, scores, wspans = [], [], []
-        for w in sorted(first):
-            pos = first[w]
-            k = best_window(pos, spans)
-            p = probs[k][pos - spans[k][0]]
-            j = int(p.argmax())
-            tags.append(spec.labels[j])
-            scores.append(float(p[j]))
-            wspans.append((char_span[w][0], char_span[w][1]))
-        return decode_bio(tags, scores, wspans, text)
+        if not first:
+            return []
+        words = sorted(first)
+        if len(spans) == 1:
+            rows = [first[w] - spans[0][0] for w in words]
+            table = logits[0]
+        else:  # row of each word's first token in the windows' logits stacked end to end
+            starts = np.cumsum([0] + [len(x) for x in logits[:-1]]).tolist()
+            rows = []
+            for w in words:
+                k = best_window(first[w], spans)
+                rows.append(starts[k] + first[w] - spans[k][0])
+            table = np.concatenate(logits)
+        p = softmax(table[rows])
+        best = p.argmax(axis=-1)
+        scores = p[np.arange(len(rows)), best].tolist()
+        tags = [spec.labels[j] for j in best.tolist()]
+        return decode_bio(tags, scores, [(char_span[w][0], char_span[w][1]) for w in words], text)
 
 
 # ONNX Runtime fuses each residual Add + LayerNormalization of top.onnx into its contrib

@@ -206,6 +206,36 @@ def test_long_text_is_tagged_in_windows_not_cut(bundles: dict) -> None:
     assert inner == alone
 
 
+def test_tag_decodes_each_word_from_its_best_window(bundles: dict) -> None:
+    """tag() against the decoding written out word by word: each word's first token, read in
+    the window where it has the most context, softmax, argmax, BIO. Words of several pieces
+    and windows that overlap are both in the text."""
+    from mtpf_runtime.decode import best_window, decode_bio, softmax, windows
+
+    rt = Runtime(bundles["fp32"])
+    vocab = ["Schwarzenegger", "met", "Angela", "in", "Wolfsburg", "unbelievably", "and", "the", "Berliners"]
+    text = " ".join(vocab[(i * 5) % len(vocab)] for i in range(120))
+    enc = rt._tok.encode(text, add_special_tokens=False)
+    spec = rt.manifest.tasks["ner_a"]
+    size = spec.max_length - 2
+    spans = windows(len(enc.ids), size, size // 2)
+    assert len(spans) >= 4 and len(set(w for w in enc.word_ids if w is not None)) < len(enc.ids)
+    logits = rt.token_logits([enc.ids[s:e] for s, e in spans], task="ner_a")
+    tags, scores, wspans = [], [], []
+    for w in sorted(set(w for w in enc.word_ids if w is not None)):
+        pos = [i for i, x in enumerate(enc.word_ids) if x == w]
+        k = best_window(pos[0], spans)
+        p = softmax(logits[k][pos[0] - spans[k][0]])
+        tags.append(spec.labels[int(p.argmax())])
+        scores.append(float(p.max()))
+        wspans.append((enc.offsets[pos[0]][0], max(enc.offsets[i][1] for i in pos)))
+    want = decode_bio(tags, scores, wspans, text)
+    got = rt.tag(text, task="ner_a")
+    assert len(want) > 10
+    assert [(e.label, e.start, e.end, e.text) for e in got] == [(e.label, e.start, e.end, e.text) for e in want]
+    assert np.allclose([e.score for e in got], [e.score for e in want], rtol=0, atol=1e-12)
+
+
 def test_batch_results_equal_one_by_one(bundles: dict) -> None:
     """fp32: padding never leaks into a row. INT8: dynamic quantization scales activations
     per run, so neighbours in a batch move scores slightly; labels must not move here."""
