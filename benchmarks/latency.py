@@ -55,12 +55,13 @@ class Params:
     torch_latency_kinds: tuple[str, ...]  # which task kinds torch's latency sweep covers
     worker_timeout_s: int
     isolated_rounds: int  # requests with a pause between them (thread spinning: CPU per request)
+    memory_repeats: int  # fresh processes per (engine, K) of the memory curve (torch: one)
 
 
 FULL = Params((16, 64, 128, 256), (1, 8), ("1", "all"), (1, 2, 4, 8), 10, 300, 1.5, 300, 60, 60,
-              ("tc", "ner"), 1800, 60)
+              ("tc", "ner"), 1800, 60, 7)
 # About a minute on 2 cores with a tiny model: every code path, few repetitions.
-QUICK = Params((16, 64), (1,), ("1",), (1, 2), 3, 20, 0.15, 20, 3, 6, ("tc",), 300, 5)
+QUICK = Params((16, 64), (1,), ("1",), (1, 2), 3, 20, 0.15, 20, 3, 6, ("tc",), 300, 5, 3)
 OVERHEAD_SEQ, THROUGHPUT_BATCH = 128, 32
 PAUSE_S = 0.05  # between isolated requests: an app's requests do not come back to back
 TARGETS = {  # name -> (comparison, bound, what it means)
@@ -161,6 +162,32 @@ def round_ratios(num: np.ndarray, den: np.ndarray, resamples: int = 2000) -> dic
     lo, hi = np.percentile(np.median(r[idx], axis=1), [2.5, 97.5])
     return {"ratio": float(np.median(r)), "ratio_ci95": [float(lo), float(hi)],
             "ratio_of_medians": float(np.median(num) / np.median(den))}
+
+
+def median_ratio(num: list[float], den: list[float], resamples: int = 2000) -> dict:
+    """``median(num) / median(den)`` over independent samples (one fresh process each) and a 95%
+    bootstrap interval that resamples each side on its own. With fewer than 3 samples on a
+    side the interval is ``None``: a bootstrap of one or two processes says nothing."""
+    a, b = np.asarray(num, float), np.asarray(den, float)
+    out = {"ratio": float(np.median(a) / np.median(b)), "ratio_ci95": None}
+    if min(len(a), len(b)) >= 3:
+        rng = np.random.default_rng(0)
+        ra = np.median(a[rng.integers(0, len(a), (resamples, len(a)))], axis=1)
+        rb = np.median(b[rng.integers(0, len(b), (resamples, len(b)))], axis=1)
+        lo, hi = np.percentile(ra / rb, [2.5, 97.5])
+        out["ratio_ci95"] = [float(lo), float(hi)]
+    return out
+
+
+def memory_summary(engine: str, k: int, runs: list[dict]) -> dict:
+    """One (engine, K) row of the memory curve from its processes: the median of each figure,
+    and every process's figures beside it."""
+    keys = [key for key in runs[0] if isinstance(runs[0][key], (int, float)) and not isinstance(runs[0][key], bool)
+            and all(key in r for r in runs)]
+    row = {"engine": engine, "k": k, "n": len(runs), **{key: float(np.median([r[key] for r in runs])) for key in keys}}
+    row["samples"] = {key: [r[key] for r in runs] for key in ("model_mb", "rss_mb", "model_mb_with_trunk_session")
+                      if key in keys}
+    return row
 
 
 def pct(times: list[float]) -> dict:
@@ -487,6 +514,10 @@ def _ci(ci: list[float] | None) -> str:
     return f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else ""
 
 
+def _span(xs: list[float] | None) -> str:
+    return f"{min(xs):.1f}–{max(xs):.1f}" if xs else ""
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -545,10 +576,12 @@ def markdown(res: dict) -> str:
                    "peak RSS MB"],
                   [[w["engine"], w["threads"], w["task"], _f(w["import_s"], 2), _f(w["load_ms"], 0),
                     _f(w["cold_start_ms"], 0), _f(w["rss_load_mb"]), _f(w["peak_rss_mb"])] for w in res["workers"]])
-    out += ["", "## Memory against number of tasks (fresh process each; each task's request served twice)", ""]
-    out += _table(["engine", "tasks K", "process RSS MB", "RSS above imports MB", "peak RSS MB",
-                   "above imports after an analyze() MB"],
-                  [[x["engine"], str(x["k"]), _f(x["rss_mb"]), _f(x["model_mb"]), _f(x["peak_rss_mb"]),
+    out += ["", "## Memory against number of tasks (medians over fresh processes; each task's request served "
+                "twice)", ""]
+    out += _table(["engine", "tasks K", "processes", "process RSS MB", "RSS above imports MB",
+                   "above imports, min–max", "peak RSS MB", "above imports after an analyze() MB"],
+                  [[x["engine"], str(x["k"]), str(x.get("n", 1)), _f(x["rss_mb"]), _f(x["model_mb"]),
+                    _span(x.get("samples", {}).get("model_mb")), _f(x["peak_rss_mb"]),
                     _f(x.get("model_mb_with_trunk_session"))]
                    for x in sorted(res["memory"], key=lambda x: (x["engine"], x["k"]))])
     d = res["disk"]
@@ -765,9 +798,10 @@ def main(argv: list[str] | None = None) -> int:
                     latency += r.pop("rows")
                     workers.append({**r, "threads": th, "task": task})
 
-    # ---- memory: one process per (engine, K)
-    _log("== memory")
-    memory = []
+    # ---- memory: p.memory_repeats fresh processes per (engine, K), in rounds over all of them
+    # so that whatever drifts over the run (page cache, the machine's load) reaches each alike.
+    # RSS differs by several MB from one process to the next with the same work (docs/benchmarks.md).
+    _log(f"== memory ({p.memory_repeats} processes per engine and K; torch one)")
     mem_specs = [{"engine": "floor", "k": 0, "bundle": str(bundle), "calls": calls(order[:1])}]
     for k in ks:
         mem_specs.append({"engine": "mtpf", "k": k, "bundle": str(k_bundles[k]), "calls": calls(order[:k])})
@@ -776,10 +810,15 @@ def main(argv: list[str] | None = None) -> int:
                               "calls": calls(order[:k])})
         if use_torch and (not args.quick or k == max(ks)):
             mem_specs.append({"engine": "torch", "k": k, "tasks": order[:k], "calls": calls(order[:k])})
-    for s in mem_specs:
-        r = run({**common, **s, "kind_of_run": "memory", "threads": "1"})
-        if r:
-            memory.append({**r, "k": s["k"]})
+    mem_runs: dict[tuple[str, int], list[dict]] = {}
+    for rep in range(p.memory_repeats):
+        for s in mem_specs:
+            if s["engine"] == "torch" and rep:
+                continue
+            r = run({**common, **s, "kind_of_run": "memory", "threads": "1"})
+            if r:
+                mem_runs.setdefault((s["engine"], s["k"]), []).append(r)
+    memory = [memory_summary(e, k, rs) for (e, k), rs in mem_runs.items()]
 
     # ---- task switching and the paired ratios
     _log("== task switching, adapter overhead, batch-32 throughput")
@@ -823,6 +862,13 @@ def main(argv: list[str] | None = None) -> int:
 
     kmax = max(ks)
     mt, m1, mk = mem_of("mtpf", kmax), mem_of("merged", 1), mem_of("merged", kmax)
+
+    def mem_ratio(a: dict | None, b: dict | None) -> dict:
+        if not (a and b):
+            return {"ratio": float("nan"), "ratio_ci95": None}
+        return median_ratio(a["samples"]["model_mb"], b["samples"]["model_mb"])
+
+    r_mt_m1, r_mk_mt = mem_ratio(mt, m1), mem_ratio(mk, mt)
     ov = paired.get("overhead", {}).get("tasks", {})
     tp = paired.get("throughput", {}).get("tasks", {})
     worst_ov = max(ov.values(), key=lambda x: x["ratio"], default={})
@@ -833,15 +879,17 @@ def main(argv: list[str] | None = None) -> int:
                              "per_task": {n: x["ratio"] for n, x in ov.items()},
                              "what": "median over interleaved rounds of mtpf ms / floor ms, seq 128, batch 1, "
                                      "1 thread, one session (worst task kind)"},
-        "rss_k_over_merged1": {"value": ratio(mt and mt["model_mb"], m1 and m1["model_mb"]), "k": kmax,
+        "rss_k_over_merged1": {"value": r_mt_m1["ratio"], "ci95": r_mt_m1["ratio_ci95"], "k": kmax,
                                "process_rss_ratio": ratio(mt and mt["rss_mb"], m1 and m1["rss_mb"]),
                                "with_trunk_session": ratio(mt and mt.get("model_mb_with_trunk_session"),
                                                            m1 and m1["model_mb"]),
-                               "what": f"mtpf RSS with {kmax} tasks / one merged INT8 model (RSS above the "
-                                       "interpreter and imports; process_rss_ratio counts them too)"},
-        "merged_k_over_mtpf": {"value": ratio(mk and mk["model_mb"], mt and mt["model_mb"]), "k": kmax,
+                               "what": f"median mtpf RSS with {kmax} tasks / median of one merged INT8 model "
+                                       "over fresh processes (RSS above the interpreter and imports; "
+                                       "process_rss_ratio counts them too)"},
+        "merged_k_over_mtpf": {"value": r_mk_mt["ratio"], "ci95": r_mk_mt["ratio_ci95"], "k": kmax,
                                "process_rss_ratio": ratio(mk and mk["rss_mb"], mt and mt["rss_mb"]),
-                               "what": f"{kmax} merged sessions RSS / mtpf RSS with {kmax} tasks"},
+                               "what": f"median {kmax} merged sessions RSS / median mtpf RSS with {kmax} tasks "
+                                       "over fresh processes"},
         "throughput_b32": {"value": worst_tp.get("ratio", float("nan")), "ci95": worst_tp.get("ratio_ci95"),
                            "per_task": {n: x["ratio"] for n, x in tp.items()},
                            "what": "median over interleaved rounds of floor ms / mtpf ms (= mtpf texts/s / floor "
