@@ -153,6 +153,24 @@ def test_sessions_keep_layer_norm_unfused(bundle: Path, tmp_path: Path) -> None:
     assert "SkipLayerNormalization" not in optimized_ops("from_bytes", lambda o: _session(top, o, top.read_bytes()))
 
 
+def test_freed_heap_is_returned_after_each_session_is_made(bundle: Path, monkeypatch) -> None:
+    """glibc keeps the pages a session's load freed; the runtime trims the heap once per session
+    made (the backbone's in the constructor, top.onnx's on first use), never per request."""
+    from mtpf_runtime import runtime as rt_mod
+
+    calls = []
+    monkeypatch.setattr(rt_mod, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
+    rt = Runtime(bundle)
+    assert calls == [0]
+    rt.tag("Peter met Angela in Berlin.", task="ner")
+    assert calls == [0]
+    rt.analyze("Peter met Angela in Berlin.", ["ner", "tc"])
+    rt.analyze("Peter met Angela in Paris.", ["ner", "tc"])
+    assert calls == [0, 0]
+    monkeypatch.setattr(rt_mod, "_MALLOC_TRIM", None)  # a C library without malloc_trim
+    assert Runtime(bundle).analyze("Peter met Angela.", ["ner", "tc"])
+
+
 def test_top_onnx_changed_after_opening_is_refused(bundle: Path, tmp_path: Path) -> None:
 
     copy = tmp_path / "b"
