@@ -268,9 +268,10 @@ def worker_memory(spec: dict, p: Params) -> dict:  # noqa: ARG001
     base = rss_mb()
     eng = open_engine(spec, n_threads(spec["threads"]))
     rss_load = rss_mb()
-    # Steady state: every task's request twice. ONNX Runtime plans an arena block from its
-    # first run of a shape and allocates it on the second (memory pattern), so a single
-    # request would leave an engine with one task looking ~6 MB smaller than it runs.
+    # Steady state: every task's request twice. With a memory pattern, ONNX Runtime plans an
+    # arena block from its first run of a shape and allocates it on the second, so one request
+    # would leave an engine looking ~6 MB smaller than it runs. Runtime turns the pattern off;
+    # the second request still catches whatever an engine allocates late.
     for _ in range(2):
         for task, kind, max_len in spec["calls"]:
             seq = OVERHEAD_SEQ if _fits(max_len, OVERHEAD_SEQ) else max_len - 2
