@@ -801,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- memory: p.memory_repeats fresh processes per (engine, K), in rounds over all of them
     # so that whatever drifts over the run (page cache, the machine's load) reaches each alike.
-    # RSS differs by several MB from one process to the next with the same work (docs/benchmarks.md).
+    # Before Runtime trimmed its heap, one process's RSS differed from the next one's by up to 7 MB
+    # with the same work (docs/benchmarks.md, session 20); repeats show whether any such noise is left.
     _log(f"== memory ({p.memory_repeats} processes per engine and K; torch one)")
     mem_specs = [{"engine": "floor", "k": 0, "bundle": str(bundle), "calls": calls(order[:1])}]
     for k in ks:
