@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import sys
@@ -30,20 +32,25 @@ EXAMPLES_CLASSIFY = [
 ]
 
 
-_ALONE = """
-import os, resource, sys
-from mtpf_runtime import Runtime
-def rss_mb():
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc; falls back to the peak elsewhere)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-base = rss_mb()
+
+
+# Run in a fresh process by _runtime_alone_mb: argv = bundle, threads, text.
+_ALONE = """
+import sys
+from mtpf_runtime import Runtime
+from mtpf_training.demo import _rss_mb
+base = _rss_mb()
 rt = Runtime(sys.argv[1], threads=None if sys.argv[2] == "None" else int(sys.argv[2]))
 for _ in range(2):
     rt.tag(sys.argv[3], task="wnut16"), rt.classify(sys.argv[3], task="bbc_news")
-print(rss_mb() - base)
+print(_rss_mb() - base)
 """
 
 
