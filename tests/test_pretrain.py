@@ -629,6 +629,148 @@ def test_state_saved_before_a_field_existed_still_resumes():
     assert pt._comparable(changed) != pt._comparable(now)
 
 
+# --------------------------------------------------------------------------- TC distillation from a sentence teacher
+
+@pytest.fixture(scope="module")
+def wide_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random sentence encoder 48 wide (the students are 32), saved as a sentence-transformers
+    folder with mean pooling."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from conftest import minilm_dir
+
+    out = tmp_path_factory.mktemp("wide_teacher")
+    torch.manual_seed(1)
+    AutoModel.from_config(BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(out)
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling/config.json").write_text(json.dumps({"word_embedding_dimension": 48,
+                                                           "pooling_mode_cls_token": False,
+                                                           "pooling_mode_mean_tokens": True}))
+    return out
+
+
+def test_similarity_distill_by_hand():
+    from mtpf_training.losses import similarity_distill
+
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    s = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)
+    tau = 0.5
+
+    def rows(x: np.ndarray) -> np.ndarray:  # each row's softmax over the other two rows
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        c = x @ x.T / tau
+        logits = np.array([[c[i, j] for j in range(3) if j != i] for i in range(3)])
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    p, q = rows(t.numpy()), rows(s.detach().numpy())
+    want = float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+    got = similarity_distill(s, t, tau)
+    assert got.item() == pytest.approx(want, rel=1e-5) and want > 0.05
+    got.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    # Only the relations count: a wider, rescaled copy of the teacher's geometry costs nothing.
+    same = torch.cat([3 * t, torch.zeros(3, 4)], dim=1)
+    assert similarity_distill(same, t, tau).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 3"):
+        similarity_distill(s[:2], t[:2], tau)
+    with pytest.raises(ValueError, match="same N"):
+        similarity_distill(s, t[:2], tau)
+    with pytest.raises(ValueError, match="> 0"):
+        similarity_distill(s, t, 0.0)
+
+
+def test_tc_teacher_settings_are_checked(tiny_bert: Path, toy_root: Path, wide_teacher: Path, tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, tc_teacher=f"hf:{wide_teacher}")
+    with pytest.raises(ValueError, match="has none"):
+        dataclasses.replace(cfg, mode="ner")
+    with pytest.raises(ValueError, match="expected 'hf:PATH'"):
+        dataclasses.replace(cfg, tc_teacher=str(wide_teacher))
+    with pytest.raises(ValueError, match="tc_batch_size must be >= 2"):
+        dataclasses.replace(cfg, tc_batch_size=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        dataclasses.replace(cfg, tc_distill_weight=-1.0)
+    with pytest.raises(ValueError, match="pass --tc-teacher"):  # a weight that would act on nothing
+        dataclasses.replace(cfg, tc_teacher=None, tc_distill_weight=2.0)
+    with pytest.raises(ValueError, match="local model folder"):  # checked before any step runs
+        pt.pretrain(tmp_path / "x", tiny_bert, "tpl", dataclasses.replace(cfg, tc_teacher=f"hf:{tmp_path}"),
+                    progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_sentence_teacher_pools_as_its_folder_says(wide_teacher: Path, tmp_path: Path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from mtpf_training.teachers import SentenceTeacher
+
+    texts = ["the dog ran home", "alice saw a big house in paris"]
+    tok, model = AutoTokenizer.from_pretrained(wide_teacher), AutoModel.from_pretrained(wide_teacher).eval()
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mean = torch.nn.functional.normalize(mean_pool(hidden, enc["attention_mask"]), dim=-1)
+    got = SentenceTeacher(wide_teacher).embed(texts)
+    assert got.shape == (2, 48) and torch.allclose(got, mean, atol=1e-5)
+    cls_dir = tmp_path / "cls"
+    shutil.copytree(wide_teacher, cls_dir)
+    (cls_dir / "1_Pooling/config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    cls = SentenceTeacher(cls_dir)
+    assert cls.pooling == "cls" and cls.spec != SentenceTeacher(wide_teacher).spec
+    assert torch.allclose(cls.embed(texts), torch.nn.functional.normalize(hidden[:, 0], dim=-1), atol=1e-5)
+    (cls_dir / "1_Pooling/config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="only mean or CLS"):
+        SentenceTeacher(cls_dir)
+
+
+def test_tc_distillation_pulls_the_students_geometry_to_the_teachers(tiny_bert: Path, toy_root: Path,
+                                                                     wide_teacher: Path):
+    """Distillation alone (InfoNCE weighted 0) on one fixed TC batch: the KL to the teacher falls."""
+    from mtpf_training.teachers import SentenceTeacher
+
+    cfg = tiny_cfg(tiny_bert, toy_root, mode="tpl", tc_teacher=f"hf:{wide_teacher}", tc_weight=0.0,
+                   lr_backbone=1e-3, lr_lora=3e-3, tc_distill_temperature=0.1)
+    student, tok, _ = pt.build_student(tiny_bert, cfg)
+    opts = pt.build_optimizers(student, cfg)
+    for o in opts.values():
+        for g in o.param_groups:
+            g["lr"] = g["initial_lr"]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, 6)) for _ in range(16)]
+    data = pt.TcPairs(pairs=list(zip(texts[:8], texts[8:])), groups=[-1] * 8, spans={"x": (0, 8)})
+    batch = pt.make_batch("tc", data, list(range(8)), tok, tok.pad_token_id, 32, SentenceTeacher(wide_teacher))
+    assert batch["teacher"].shape == (16, 48)
+    torch.manual_seed(0)
+    kl = [pt.train_step(student, opts, cfg, "tc", batch, "cpu")[2]["tc_distill"] for _ in range(30)]
+    assert kl[0] > 0.05 and kl[-1] < kl[0] / 3, kl
+
+
+def test_tc_distillation_acts_on_tc_steps_by_its_weight_and_resumes_bit_identical(
+        tiny_bert: Path, toy_root: Path, wide_teacher: Path, tmp_path: Path):
+    cfg = tiny_cfg(tiny_bert, toy_root, steps=6, checkpoint_every=2, tc_teacher=f"hf:{wide_teacher}",
+                   lr_backbone=1e-3)
+    whole = pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
+    tc_rows = [h for h in whole["history"] if h["task"] == "tc"]
+    assert tc_rows and all(h["tc_distill"] > 0 for h in tc_rows)
+    assert not any("tc_distill" in h for h in whole["history"] if h["task"] == "ner")
+    assert set(whole["summary"]["tc"]) >= {"tc_distill_first", "tc_distill_last"}
+    saved = ck.read_config(tmp_path / "whole")["pretrain"]["config"]["tc_teacher"]
+    assert saved.startswith(f"hf:{wide_teacher.resolve()}|weights=") and "|pool=mean|" in saved
+    pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, stop_after=3, progress=False)
+    pt.pretrain(tmp_path / "parts", tiny_bert, "tpl", cfg, resume=True, progress=False)
+    assert_same(tensors(tmp_path / "whole"), tensors(tmp_path / "parts"))
+    plain = dataclasses.replace(cfg, tc_teacher=None)
+    pt.pretrain(tmp_path / "plain", tiny_bert, "tpl", plain, progress=False)
+    w, p = tensors(tmp_path / "whole"), tensors(tmp_path / "plain")
+    assert any(not torch.equal(w[k], p[k]) for k in w if k.startswith("backbone/"))
+    # Weighted 0, the teacher is measured but moves nothing: the plain run's weights, bit for bit.
+    zero = pt.pretrain(tmp_path / "zero", tiny_bert, "tpl", dataclasses.replace(cfg, tc_distill_weight=0.0),
+                       progress=False)
+    assert all("tc_distill" in h for h in zero["history"] if h["task"] == "tc")
+    assert_same(tensors(tmp_path / "zero"), p)
+
+
 # =========================================================================== every mode end to end
 
 def toy_ner() -> Dataset:

@@ -6,6 +6,8 @@
 * :func:`cluster_ce`: NER distillation objective, cross-entropy against teacher cluster ids.
 * :func:`embedding_drift`: 1 - cosine between sentence embeddings and fixed targets (the NER
   steps' anchor on the TC view).
+* :func:`similarity_distill`: KL from a sentence teacher's in-batch similarity distribution to
+  the student's (TC distillation; teacher and student may differ in width).
 """
 
 from __future__ import annotations
@@ -81,3 +83,28 @@ def embedding_drift(pooled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if pooled.shape != target.shape or pooled.dim() != 2:
         raise ValueError(f"pooled {tuple(pooled.shape)} and target {tuple(target.shape)} must both be (B, H)")
     return (1.0 - F.cosine_similarity(pooled.float(), target.detach().float(), dim=-1)).mean()
+
+
+def similarity_distill(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """KL(teacher || student) between in-batch neighbour distributions, mean over rows.
+
+    Row i's distribution is the softmax over the other N-1 rows of cosine(i, j) / ``temperature``,
+    for the student's (N, H) embeddings and the teacher's (N, D) ones. Only the relations between
+    the texts are matched, so H and D may differ and no projection is learned. 0 when the two
+    geometries agree up to the softmax; gradients reach ``student`` only.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must be (N, H) "
+                         "and (N, D) with the same N")
+    n = student.shape[0]
+    if n < 3:
+        raise ValueError(f"similarity distillation needs at least 3 texts (2 neighbours per row), got {n}")
+    off = ~torch.eye(n, dtype=torch.bool, device=student.device)  # (N, N): every pair but i with itself
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.detach().float(), dim=-1)
+    s_logits = (s @ s.T)[off].view(n, n - 1) / temperature  # (N, N-1)
+    t_logits = (t @ t.T)[off].view(n, n - 1) / temperature  # (N, N-1)
+    return F.kl_div(F.log_softmax(s_logits, dim=-1), F.log_softmax(t_logits, dim=-1),
+                    reduction="batchmean", log_target=True)

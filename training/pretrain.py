@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from mtpf_training import arch as archmod
 from mtpf_training import checkpoint as ck
-from mtpf_training.losses import cluster_ce, embedding_drift, info_nce, mean_pool
+from mtpf_training.losses import cluster_ce, embedding_drift, info_nce, mean_pool, similarity_distill
 
 log = logging.getLogger("mtpf.pretrain")
 
@@ -103,6 +103,12 @@ class PretrainConfig:
     max_pairs_per_source: int | None = _f(20000, "seeded cap per pair source (None = all)")
     temperature: float = _f(0.05, "InfoNCE temperature tau (cosine / tau)")
     symmetric: bool = _f(False, "symmetric InfoNCE (anchor->positive and positive->anchor)")
+    tc_teacher: str | None = _f(None, "hf:PATH: a local sentence encoder (e.g. all-mpnet-base-v2, see "
+                                "docs/pretraining.md) whose in-batch similarities each TC step also distils "
+                                "(KL between the neighbour distributions, on top of InfoNCE); None = off")
+    tc_distill_weight: float = _f(1.0, "weight of the TC distillation loss (needs tc_teacher)")
+    tc_distill_temperature: float = _f(0.05, "temperature of both similarity distributions in TC "
+                                       "distillation (needs tc_teacher)")
     # ---- LoRA (tpl)
     lora_layers: int | str = _f(2, "task LoRAs on the last k layers (1, 2, 4, 'all' or '0,3,5')")
     lora_rank: int = _f(32, "LoRA rank r")
@@ -203,6 +209,21 @@ class PretrainConfig:
                 raise ValueError(f"lr_lora_ner sets the NER LoRA's lr; mode {self.mode!r} has no task LoRAs (use tpl)")
             if not self.lr_lora_ner > 0:
                 raise ValueError(f"lr_lora_ner must be > 0, got {self.lr_lora_ner} (leave it unset for lr_lora)")
+        if self.tc_teacher is not None:
+            if "tc" not in self.tasks:
+                raise ValueError(f"tc_teacher acts on TC steps; mode {self.mode!r} has none (use tc, naive or tpl)")
+            kind, _, path = self.tc_teacher.partition(":")
+            if kind != "hf" or not path:
+                raise ValueError(f"tc_teacher {self.tc_teacher!r}: expected 'hf:PATH' (a local sentence-encoder folder)")
+            if self.tc_batch_size < 2:
+                raise ValueError("tc_teacher distils each text's neighbours among the batch's other texts: "
+                                 f"tc_batch_size must be >= 2, got {self.tc_batch_size}")
+        elif (self.tc_distill_weight, self.tc_distill_temperature) != (1.0, 0.05):
+            raise ValueError("tc_distill_weight and tc_distill_temperature set the TC distillation, which is off "
+                             "without tc_teacher: pass --tc-teacher hf:PATH too")
+        if self.tc_distill_weight < 0 or self.tc_distill_temperature <= 0:
+            raise ValueError(f"tc_distill_weight must be >= 0 and tc_distill_temperature > 0, got "
+                             f"{self.tc_distill_weight} and {self.tc_distill_temperature}")
         if self.temperature <= 0 or self.ner_weight < 0 or self.tc_weight < 0:
             raise ValueError("temperature must be > 0 and loss weights >= 0")
         if not 0 <= self.warmup < 1:
@@ -729,9 +750,10 @@ def _write_checkpoint(out: Path, base: str | Path, student: Student, tokenizer: 
         raise
 
 
-# Per-step measurements beyond the loss: the anchor's ``tc_drift`` (1 - cosine of the TC view to
-# the base) and the projection's ``tc_move`` / ``tc_move_left`` (see project_ner_update).
-STEP_EXTRAS = ("tc_drift", "tc_move", "tc_move_left")
+# Per-step measurements beyond the loss: on NER steps the anchor's ``tc_drift`` (1 - cosine of the
+# TC view to the base) and the projection's ``tc_move`` / ``tc_move_left`` (see
+# project_ner_update); on TC steps the teacher's ``tc_distill`` (unweighted).
+STEP_EXTRAS = ("tc_drift", "tc_move", "tc_move_left", "tc_distill")
 
 
 def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
@@ -746,7 +768,7 @@ def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, A
                   "loss_last": float(np.mean([h["loss"] for h in rows[-k:]])),
                   "tokens": int(sum(h["tokens"] for h in rows)),
                   "tokens_per_s": float(sum(h["tokens"] for h in rows) / secs) if secs else None}
-        for key in STEP_EXTRAS:  # measured on NER batches, with the anchor or the projection on
+        for key in STEP_EXTRAS:  # measured where the anchor, the projection or the TC teacher is on
             if key in rows[0]:
                 out[t] |= {f"{key}_first": float(np.mean([h[key] for h in rows[:k]])),
                            f"{key}_last": float(np.mean([h[key] for h in rows[-k:]]))}
@@ -759,17 +781,21 @@ def _summary(history: list[dict[str, Any]], tasks: Sequence[str]) -> dict[str, A
 # =========================================================================== one step
 
 def make_batch(task: str, data: Any, idx: Sequence[int], tokenizer: Any, pad_id: int,
-               max_length: int) -> dict[str, torch.Tensor]:
+               max_length: int, tc_teacher: Any = None) -> dict[str, torch.Tensor]:
     """NER: ids, mask, cluster labels of the chosen sentences. TC (``data`` a :class:`TcPairs`):
-    anchors then positives, and each pair's group."""
+    anchors then positives, each pair's group, and with ``tc_teacher`` (a
+    :class:`~mtpf_training.teachers.SentenceTeacher`) its embeddings of the same texts."""
     if task == "ner":
         return {"input_ids": _pad([data[i][0] for i in idx], pad_id),  # (B, T)
                 "attention_mask": _pad([[1] * len(data[i][0]) for i in idx], 0),  # (B, T)
                 "labels": _pad([data[i][1] for i in idx], -100)}  # (B, T)
     texts = [data.pairs[i][0] for i in idx] + [data.pairs[i][1] for i in idx]
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],  # (2B, T) each
-            "groups": torch.tensor([data.groups[i] for i in idx], dtype=torch.long)}  # (B,)
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],  # (2B, T) each
+             "groups": torch.tensor([data.groups[i] for i in idx], dtype=torch.long)}  # (B,)
+    if tc_teacher is not None:
+        batch["teacher"] = tc_teacher.embed(texts)  # (2B, D)
+    return batch
 
 
 def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: PretrainConfig, task: str,
@@ -803,9 +829,14 @@ def train_step(model: nn.Module, opts: dict[str, torch.optim.Optimizer], cfg: Pr
             half = pooled.shape[0] // 2
             loss = info_nce(pooled[:half], pooled[half:], cfg.temperature, cfg.symmetric,
                             groups=batch["groups"].to(device))
+            if "teacher" in batch:
+                extra["tc_distill"] = similarity_distill(pooled, batch["teacher"].to(device),
+                                                         cfg.tc_distill_temperature)
     weighted = loss * (cfg.ner_weight if task == "ner" else cfg.tc_weight)
     if "tc_drift" in extra:
         weighted = weighted + cfg.ner_anchor_weight * extra["tc_drift"]
+    if "tc_distill" in extra:
+        weighted = weighted + cfg.tc_distill_weight * extra["tc_distill"]
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     weighted.backward()
@@ -916,8 +947,14 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     import peft
     import transformers
 
+    tc_teacher = None
+    if cfg.tc_teacher is not None:
+        from mtpf_training.teachers import make_sentence_teacher
+
+        tc_teacher = make_sentence_teacher(cfg.tc_teacher, device=device)
     resolved: dict[str, Any] = {
-        "config": {**dataclasses.asdict(cfg), "teacher": _teacher_spec(cfg) if "ner" in cfg.tasks else None},
+        "config": {**dataclasses.asdict(cfg), "teacher": _teacher_spec(cfg) if "ner" in cfg.tasks else None,
+                   "tc_teacher": tc_teacher.spec if tc_teacher is not None else None},
         "base_path": str(base_dir), "max_length": max_length, "world_size": world, "adapters":
         {t: ADAPTERS[t] for t in cfg.tasks} if cfg.mode == "tpl" else {}, **placement,
         "optimizer": "AdamW per group (backbone; NER head + pf_ner; pf_tc), each task's only on its steps",
@@ -1021,7 +1058,7 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
             idx = np.concatenate(rows)[rank::world].tolist()
         else:
             idx = [offsets[name] + i for i in streams[name].next()]
-        batch = make_batch(task, data[task], idx, tokenizer, pad_id, max_length)
+        batch = make_batch(task, data[task], idx, tokenizer, pad_id, max_length, tc_teacher if task == "tc" else None)
         loss, tokens, extra = train_step(model, opts, cfg, task, batch, device, anchor, held)
         if task == "tc" and cfg.ner_projection_texts == "ner+tc":
             held = held_tc_texts(batch, cfg.ner_batch_size)

