@@ -747,7 +747,9 @@ def test_tc_distillation_pulls_the_students_geometry_to_the_teachers(tiny_bert: 
 
 
 def test_tc_distillation_acts_on_tc_steps_by_its_weight_and_resumes_bit_identical(
-        tiny_bert: Path, toy_root: Path, wide_teacher: Path, tmp_path: Path):
+        tiny_bert: Path, toy_root: Path, wide_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from mtpf_training.teachers import SentenceTeacher
+
     cfg = tiny_cfg(tiny_bert, toy_root, steps=6, checkpoint_every=2, tc_teacher=f"hf:{wide_teacher}",
                    lr_backbone=1e-3)
     whole = pt.pretrain(tmp_path / "whole", tiny_bert, "tpl", cfg, progress=False)
@@ -769,6 +771,20 @@ def test_tc_distillation_acts_on_tc_steps_by_its_weight_and_resumes_bit_identica
                        progress=False)
     assert all("tc_distill" in h for h in zero["history"] if h["task"] == "tc")
     assert_same(tensors(tmp_path / "zero"), p)
+    # A second run on the same pairs reads every embedding from the first one's cache: same weights,
+    # and the teacher never runs.
+    cached = (tmp_path / "whole/pretrain_cache").glob("tc_teacher_*.npz")
+    assert len(list(cached)) == 1
+    shared = dataclasses.replace(cfg, cache_dir=str(tmp_path / "whole/pretrain_cache"))
+
+    def no_forward(self, texts):
+        raise AssertionError(f"the teacher ran on {len(texts)} texts")
+
+    monkeypatch.setattr(SentenceTeacher, "_forward", no_forward)
+    pt.pretrain(tmp_path / "again", tiny_bert, "tpl", shared, progress=False)
+    assert_same(tensors(tmp_path / "whole"), tensors(tmp_path / "again"))
+    with pytest.raises(AssertionError, match="the teacher ran"):  # another teacher spec: not reused
+        pt.pretrain(tmp_path / "other", tiny_bert, "tpl", dataclasses.replace(shared, max_length=32), progress=False)
 
 
 # =========================================================================== every mode end to end

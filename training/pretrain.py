@@ -951,7 +951,9 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     if cfg.tc_teacher is not None:
         from mtpf_training.teachers import make_sentence_teacher
 
-        tc_teacher = make_sentence_teacher(cfg.tc_teacher, device=device)
+        # The teacher reads what the student reads: texts cut at the run's max length (in its own pieces).
+        tc_teacher = make_sentence_teacher(cfg.tc_teacher, device=device, max_length=cfg.max_length,
+                                           cache_dir=cache_dir, rank=rank)
     resolved: dict[str, Any] = {
         "config": {**dataclasses.asdict(cfg), "teacher": _teacher_spec(cfg) if "ner" in cfg.tasks else None,
                    "tc_teacher": tc_teacher.spec if tc_teacher is not None else None},
@@ -1029,6 +1031,8 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def save_state(step: int) -> None:
+        if tc_teacher is not None:  # a resumed run must read the embeddings this one used
+            tc_teacher.save()
         rng, helds = _per_process(ck.rng_state(device), world), _per_process(held, world)
         if rank == 0:
             ck.save_state(state_path, {"step": step, "model": student.state_dict(),
@@ -1087,6 +1091,8 @@ def pretrain(out: str | Path, base: str | Path, mode: str, cfg: PretrainConfig |
         return {"stopped_at": end, "resume": str(state_path)}
 
     # ------------------------------------------------------------------ save
+    if tc_teacher is not None:
+        tc_teacher.save()
     _check_replicas(student, world)
     metrics = {"mode": cfg.mode, "steps": len(history), "summary": _summary(history, cfg.tasks),
                "data": data_info, "history": history}

@@ -222,11 +222,17 @@ class SentenceTeacher:
     unit-norm sentence embeddings TC steps distil from (``--tc-teacher hf:PATH``).
 
     Pooling follows the folder's ``1_Pooling/config.json`` (mean or CLS); a folder without one
-    is mean-pooled, the student's own pooling. Embeddings are computed per batch, without
-    gradients, and never cached: the teacher sees each TC batch's texts once.
+    is mean-pooled, the student's own pooling. Embeddings are computed without gradients, once
+    per distinct text: each is kept by the sha256 of its text, and with ``cache_dir`` written to
+    ``tc_teacher_<spec-hash>.npz`` there by :meth:`save` (``...rank<R>.npz`` for process R > 0
+    under DDP) and read back by the next teacher with the same spec: another run on the same
+    pairs pays nothing for the teacher. A text's embedding is computed in a batch of
+    the texts first seen with it, so a run reads the same values whether they come from memory
+    or from the file (resumption stays bit-identical).
     """
 
-    def __init__(self, path: str | Path, max_length: int = 128, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, max_length: int = 128, device: str = "cpu",
+                 cache_dir: str | Path | None = None, rank: int = 0) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -256,11 +262,48 @@ class SentenceTeacher:
 
         fp = sha256_file(weights)[:16] if weights.is_file() else "unhashed"
         self.spec = f"hf:{self.path.resolve()}|weights={fp}|pool={self.pooling}|max_length={self.max_length}"
+        suffix = f".rank{rank}" if rank else ""
+        self.cache_file = (Path(cache_dir) / f"tc_teacher_{_sha256_text(self.spec)[:16]}{suffix}.npz"
+                           if cache_dir is not None else None)
+        self._vectors: dict[str, np.ndarray] = {}
+        self._unsaved = 0
+        if self.cache_file is not None and self.cache_file.is_file():
+            with np.load(self.cache_file, allow_pickle=False) as z:
+                if str(z["spec"]) == self.spec:
+                    self._vectors = dict(zip(z["keys"].tolist(), z["vectors"]))
+                    log.info("TC teacher: %d embeddings read from %s", len(self._vectors), self.cache_file)
+                else:
+                    log.warning("TC teacher cache %s was made by another teacher: recomputing", self.cache_file)
 
     def embed(self, texts: Sequence[str]) -> Any:
         """(N, D) float32 tensor of unit rows on the teacher's device."""
+        keys = [_sha256_text(t) for t in texts]
+        new = {k: t for k, t in zip(keys, texts) if k not in self._vectors}
+        if new:
+            vectors = self._forward(list(new.values())).cpu().numpy()
+            self._vectors.update(zip(new, vectors))
+            self._unsaved += len(new)
+        return self._torch.from_numpy(np.stack([self._vectors[k] for k in keys])).to(self.device)
+
+    def save(self) -> None:
+        """Write every embedding so far to ``cache_file`` (atomically; nothing new, nothing written)."""
+        if self.cache_file is None or not self._unsaved:
+            return
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, prefix=f".{self.cache_file.name}.tmp-", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, keys=np.array(list(self._vectors)), vectors=np.stack(list(self._vectors.values())),
+                     spec=np.array(self.spec))
+            os.replace(tmp, self.cache_file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._unsaved = 0
+
+    def _forward(self, texts: list[str]) -> Any:
         torch = self._torch
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True,
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
                              return_tensors="pt").to(self.device)
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=self.device.startswith("cuda")):
             hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
@@ -273,11 +316,12 @@ class SentenceTeacher:
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def make_sentence_teacher(spec: str, device: str = "cpu") -> SentenceTeacher:
+def make_sentence_teacher(spec: str, device: str = "cpu", max_length: int = 128,
+                          cache_dir: str | Path | None = None, rank: int = 0) -> SentenceTeacher:
     """``hf:PATH``: a local sentence-encoder folder (see :class:`SentenceTeacher`)."""
     kind, _, arg = spec.partition(":")
     if kind == "hf" and arg:
-        return SentenceTeacher(arg, device=device)
+        return SentenceTeacher(arg, max_length=max_length, device=device, cache_dir=cache_dir, rank=rank)
     raise ValueError(f"TC teacher {spec!r}: expected 'hf:PATH' (a local sentence-encoder folder, "
                      "e.g. hf:/models/all-mpnet-base-v2)")
 
