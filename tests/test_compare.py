@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -290,6 +292,31 @@ def test_results_of_another_checkpoint_are_not_mixed(tiny_bert: Path, tpl_ckpt: 
     compare.compare({"tpl": str(tpl_ckpt)}, ["toy_tc"], out, loader=_loader, echo=lambda m: None)
     with pytest.raises(ValueError, match="another --out"):
         compare.compare({"tpl": str(tiny_bert)}, ["toy_tc"], out, loader=_loader, echo=lambda m: None)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the --out lock is POSIX flock")
+def test_a_second_process_on_the_same_out_is_refused(tpl_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    compare.compare({"tpl": str(tpl_ckpt)}, ["toy_tc"], out, loader=_loader, echo=lambda m: None)
+    saved = (out / "results.json").read_bytes()
+    # another process holds OUT the way a running mtpf-compare does, until its stdin closes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from mtpf_training import compare; "
+         "cm = compare._exclusive(Path(sys.argv[1])); cm.__enter__(); print('held', flush=True); "
+         "sys.stdin.read(); cm.__exit__(None, None, None)", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(compare.CompareError, match=rf"in use by another mtpf-compare \(pid {holder.pid}\)"):
+            compare.compare({"tpl": str(tpl_ckpt)}, ["toy_tc"], out, seeds=[0, 1], loader=_loader,
+                            echo=lambda m: None)
+        assert (out / "results.json").read_bytes() == saved  # nothing ran, nothing written
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    data = compare.compare({"tpl": str(tpl_ckpt)}, ["toy_tc"], out, seeds=[0, 1], loader=_loader,
+                           echo=lambda m: None)  # free again once the holder is gone
+    assert len(data["runs"]) == 2
 
 
 def test_datasets_seen_in_pre_finetuning_are_refused(tpl_ckpt: Path, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -276,6 +277,39 @@ def save_results(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+LOCK_NAME = ".mtpf-compare.lock"
+
+
+@contextmanager
+def _exclusive(out: Path):
+    """Hold OUT for one process. Each run saves results.json from its own copy of it, so a second
+    mtpf-compare on the same OUT would drop the first one's runs from the file."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: nothing to lock with
+        yield
+        return
+    path = out / LOCK_NAME
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise CompareError(f"{out} is in use by another mtpf-compare (pid {holder}); wait for it to "
+                               "finish or use another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def check_modes(data: dict[str, Any], modes: dict[str, Path]) -> None:
     """One results.json, one checkpoint per mode: refuse to mix two checkpoints' results."""
     for mode, ckpt in modes.items():
@@ -426,13 +460,22 @@ def compare(
     settings: Settings = Settings(), device: str = "cpu", progress: bool = False,
     loader: Callable[[str], Dataset] | None = None, echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every missing (dataset, mode, seed), then write results.json and table.md."""
-    from mtpf_training.adapt import FeatureCache
+    """Run every missing (dataset, mode, seed), then write results.json and table.md. One process
+    at a time per ``out``: a second gets a CompareError while the first runs."""
     from mtpf_training.data import load_dataset
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loader = loader or load_dataset
+    with _exclusive(out):
+        return _compare_locked(checkpoints, datasets, out, seeds, settings, device, progress, echo,
+                               loader or load_dataset)
+
+
+def _compare_locked(checkpoints: dict[str, str], datasets: Sequence[str], out: Path, seeds: Sequence[int],
+                    settings: Settings, device: str, progress: bool, echo: Callable[[str], None],
+                    loader: Callable[[str], Dataset]) -> dict[str, Any]:
+    from mtpf_training.adapt import FeatureCache
+
     modes = {m: materialise(m, v, out) for m, v in checkpoints.items()}
     results_path = out / "results.json"
     data = load_results(results_path)
