@@ -133,8 +133,14 @@ def test_table_cells_averages_deltas_and_std_from_fake_results() -> None:
     assert "| wnut17 | 10/5 | 30.0 ± 0.0 | 30.0 ± 14.1 |" in table
     assert "| sst2 | 10/5 | 80.0 ± 0.0 | 91.0 ± 1.4 |" in table
     assert "| **average** | | **45.0 ± 7.1** | **50.0 ± 14.1** |" in table
-    assert "| conll2003 | +10.0 |" in table and "| **ner average** | **+5.0** |" in table
-    assert "| **tc average** | **+11.0** |" in table
+    # Δ ± = std over seeds of the paired differences: conll2003 (10, 10), wnut17 (-10, +10), NER
+    # per seed (0, 10), sst2 (10, 12); not the std of either mode's scores
+    assert s["delta_std"][("tpl", "conll2003")] == pytest.approx(0.0)
+    assert s["delta_std"][("tpl", "wnut17")] == pytest.approx(np.std([-10, 10], ddof=1))
+    assert s["family_delta_std"][("tpl", "ner")] == pytest.approx(np.std([0, 10], ddof=1))
+    assert "| conll2003 | +10.0 ± 0.0 |" in table and "| wnut17 | +0.0 ± 14.1 |" in table
+    assert "| **ner average** | **+5.0 ± 7.1** |" in table
+    assert "| sst2 | +11.0 ± 1.4 |" in table and "| **tc average** | **+11.0 ± 1.4** |" in table
 
 
 def test_table_with_one_seed_and_a_missing_cell() -> None:

@@ -347,8 +347,10 @@ def _fmt(values: list[float], seeds: int) -> str:
     return f"{mean:.1f}"
 
 
-def _delta(d: float | None) -> str:
-    return "–" if d is None else f"{d:+.1f}"
+def _delta(d: float | None, std: float | None = None) -> str:
+    if d is None:
+        return "–"
+    return f"{d:+.1f}" + ("" if std is None else f" ± {std:.1f}")
 
 
 def summarise(
@@ -360,7 +362,10 @@ def summarise(
     A family average is the mean over the family's datasets of each dataset's mean over
     seeds; its ± is the sample std over seeds of the per-seed family averages. A mode's
     average counts only datasets it has results for (``n`` says how many); its delta
-    against base is taken over the datasets both have.
+    against base is taken over the datasets both have. A delta's std (``delta_std``,
+    ``family_delta_std``) is over the seeds of the paired differences, mode minus base on the
+    same seed (the same training subset with per-seed subsets): the spread of the gain, not of
+    either score.
     """
     from mtpf_training.data import available_datasets
 
@@ -390,18 +395,30 @@ def summarise(
                              "of": len(names), "std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None}
     delta: dict[tuple[str, str], float] = {}
     fam_delta: dict[tuple[str, str], float] = {}
+    delta_std: dict[tuple[str, str], float] = {}
+    fam_delta_std: dict[tuple[str, str], float] = {}
     if "base" in modes:
         for m in modes:
             if m == "base":
                 continue
+            paired: dict[str, dict[int, float]] = {}  # dataset -> seed -> (mode - base) x100
             for d in datasets:
                 if (m, d) in mean and ("base", d) in mean:
                     delta[(m, d)] = mean[(m, d)] - mean[("base", d)]
+                    mine, base = by[(m, d)], by[("base", d)]
+                    paired[d] = {s: 100 * (mine[s] - base[s]) for s in seeds if s in mine and s in base}
+                    if len(paired[d]) > 1:
+                        delta_std[(m, d)] = float(np.std(list(paired[d].values()), ddof=1))
             for fam, names in families.items():
                 both = [d for d in names if (m, d) in delta]
                 if both:
                     fam_delta[(m, fam)] = float(np.mean([delta[(m, d)] for d in both]))
+                    per_seed = [float(np.mean([paired[d][s] for d in both])) for s in seeds
+                                if all(s in paired[d] for d in both)]
+                    if len(per_seed) > 1:
+                        fam_delta_std[(m, fam)] = float(np.std(per_seed, ddof=1))
     return {"cells": cells, "mean": mean, "families": families, "average": avg, "delta": delta,
+            "delta_std": delta_std, "family_delta_std": fam_delta_std,
             "family_delta": fam_delta}
 
 
@@ -439,13 +456,18 @@ def render_table(
         lines += ["| **average** | | " + " | ".join(f"**{c}**" for c in avg_cells) + " |", ""]
     others = [m for m in modes if m != "base"]
     if "base" in modes and others:
-        lines += ["### Δ vs base (points)", "", "| dataset | " + " | ".join(others) + " |",
-                  "|---|" + "---|" * len(others)]
+        lines += ["### Δ vs base (points)", ""]
+        if len(seeds) > 1:
+            lines += ["± is the sample std over seeds of the paired differences (each seed's run against "
+                      "base's run of the same seed).", ""]
+        lines += ["| dataset | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
         for fam, names in s["families"].items():
             for d in names:
-                lines.append(f"| {d} | " + " | ".join(_delta(s["delta"].get((m, d))) for m in others) + " |")
-            lines.append(f"| **{fam} average** | "
-                         + " | ".join(f"**{_delta(s['family_delta'].get((m, fam)))}**" for m in others) + " |")
+                lines.append(f"| {d} | " + " | ".join(_delta(s["delta"].get((m, d)), s["delta_std"].get((m, d)))
+                                                      for m in others) + " |")
+            lines.append(f"| **{fam} average** | " + " | ".join(
+                f"**{_delta(s['family_delta'].get((m, fam)), s['family_delta_std'].get((m, fam)))}**"
+                for m in others) + " |")
         lines.append("")
     if secs:
         lines.append("Run time (task adaptation, summed over runs): "
