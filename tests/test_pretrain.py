@@ -436,13 +436,19 @@ def tc_view_drift(student: pt.Student, anchor: torch.nn.Module, batch: dict[str,
     return float(embedding_drift(now, base))
 
 
-def ner_bench(tiny_bert: Path, cfg: pt.PretrainConfig) -> tuple[pt.Student, dict, dict[str, torch.Tensor]]:
-    """A fresh student, its optimizers at full learning rate, and one fixed NER batch of 8 sentences."""
+def full_lr_student(tiny_bert: Path, cfg: pt.PretrainConfig) -> tuple[pt.Student, Any, dict]:
+    """A fresh student, its tokenizer, and its optimizers at full learning rate (past warmup)."""
     student, tok, _ = pt.build_student(tiny_bert, cfg)
     opts = pt.build_optimizers(student, cfg)
     for o in opts.values():
         for g in o.param_groups:
             g["lr"] = g["initial_lr"]
+    return student, tok, opts
+
+
+def ner_bench(tiny_bert: Path, cfg: pt.PretrainConfig) -> tuple[pt.Student, dict, dict[str, torch.Tensor]]:
+    """A fresh student, its optimizers at full learning rate, and one fixed NER batch of 8 sentences."""
+    student, tok, opts = full_lr_student(tiny_bert, cfg)
     rng = np.random.default_rng(0)
     ids = [tok(" ".join(rng.choice(WORDS, 8)))["input_ids"] for _ in range(8)]
     data = [(i, [-100] + rng.integers(0, 8, len(i) - 2).tolist() + [-100]) for i in ids]
@@ -731,11 +737,7 @@ def test_tc_distillation_pulls_the_students_geometry_to_the_teachers(tiny_bert: 
 
     cfg = tiny_cfg(tiny_bert, toy_root, mode="tpl", tc_teacher=f"hf:{wide_teacher}", tc_weight=0.0,
                    lr_backbone=1e-3, lr_lora=3e-3, tc_distill_temperature=0.1)
-    student, tok, _ = pt.build_student(tiny_bert, cfg)
-    opts = pt.build_optimizers(student, cfg)
-    for o in opts.values():
-        for g in o.param_groups:
-            g["lr"] = g["initial_lr"]
+    student, tok, opts = full_lr_student(tiny_bert, cfg)
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, 6)) for _ in range(16)]
     data = pt.TcPairs(pairs=list(zip(texts[:8], texts[8:])), groups=[-1] * 8, spans={"x": (0, 8)})
