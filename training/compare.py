@@ -353,6 +353,15 @@ def _delta(d: float | None, std: float | None = None) -> str:
     return f"{d:+.1f}" + ("" if std is None else f" ± {std:.1f}")
 
 
+def _std_of_seed_means(values: dict[str, dict[int, float]], seeds: Sequence[int],
+                       scale: float = 1.0) -> float | None:
+    """Sample std over the seeds that every dataset has of scale x (the datasets' mean value on
+    that seed); None with fewer than two such seeds."""
+    per_seed = [scale * float(np.mean([v[s] for v in values.values()])) for s in seeds
+                if all(s in v for v in values.values())]
+    return float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
+
+
 def summarise(
     runs: Sequence[dict[str, Any]], modes: Sequence[str], datasets: Sequence[str], seeds: Sequence[int],
     settings: Settings,
@@ -389,10 +398,9 @@ def summarise(
             have = [d for d in names if (m, d) in mean]
             if not have:
                 continue
-            per_seed = [100 * float(np.mean([by[(m, d)][s] for d in have])) for s in seeds
-                        if all(s in by[(m, d)] for d in have)]
             avg[(m, fam)] = {"mean": float(np.mean([mean[(m, d)] for d in have])), "n": len(have),
-                             "of": len(names), "std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None}
+                             "of": len(names),
+                             "std": _std_of_seed_means({d: by[(m, d)] for d in have}, seeds, scale=100)}
     delta: dict[tuple[str, str], float] = {}
     fam_delta: dict[tuple[str, str], float] = {}
     delta_std: dict[tuple[str, str], float] = {}
@@ -407,16 +415,16 @@ def summarise(
                     delta[(m, d)] = mean[(m, d)] - mean[("base", d)]
                     mine, base = by[(m, d)], by[("base", d)]
                     paired[d] = {s: 100 * (mine[s] - base[s]) for s in seeds if s in mine and s in base}
-                    if len(paired[d]) > 1:
-                        delta_std[(m, d)] = float(np.std(list(paired[d].values()), ddof=1))
+                    std = _std_of_seed_means({d: paired[d]}, seeds)
+                    if std is not None:
+                        delta_std[(m, d)] = std
             for fam, names in families.items():
                 both = [d for d in names if (m, d) in delta]
                 if both:
                     fam_delta[(m, fam)] = float(np.mean([delta[(m, d)] for d in both]))
-                    per_seed = [float(np.mean([paired[d][s] for d in both])) for s in seeds
-                                if all(s in paired[d] for d in both)]
-                    if len(per_seed) > 1:
-                        fam_delta_std[(m, fam)] = float(np.std(per_seed, ddof=1))
+                    std = _std_of_seed_means({d: paired[d] for d in both}, seeds)
+                    if std is not None:
+                        fam_delta_std[(m, fam)] = std
     return {"cells": cells, "mean": mean, "families": families, "average": avg, "delta": delta,
             "delta_std": delta_std, "family_delta_std": fam_delta_std,
             "family_delta": fam_delta}
