@@ -4,6 +4,8 @@ widen SRC DST        fp16 model folder -> fp32 copy (the GPU box's base)
 narrow SRC DST       fp32 model folder -> fp16 copy (what travels)
 pack BASE CKPT DEST  backbone as a bf16 delta against BASE + everything else, tar.xz split in 15 MB parts
 unpack BASE DEST PARTS...  rebuild the checkpoint: BASE + delta, backbone_sha256 updated
+q8 SRC DST           model folder -> per-row int8 copy (a teacher too large to travel in fp16, session 23)
+dq8 SRC DST          per-row int8 copy -> fp32 model folder (the GPU box's teacher)
 """
 import hashlib, io, json, shutil, sys, tarfile
 from pathlib import Path
@@ -66,6 +68,34 @@ def unpack(base, dest, parts):
     print("rebuilt", dest, cfg["backbone_sha256"])
 
 
+SCALE = ".__row_scale__"
+
+
+def quantize_folder(src, dst):
+    """2-D float weights as int8 with one fp32 scale per row (absmax / 127); the rest kept in fp32."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", "desktop.ini"))
+    out = {}
+    for k, v in load_file(str(src / "model.safetensors")).items():
+        if v.is_floating_point() and v.dim() == 2:
+            scale = (v.float().abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            out[k] = torch.round(v.float() / scale).to(torch.int8)
+            out[k + SCALE] = scale
+        else:
+            out[k] = v.float() if v.is_floating_point() else v
+    save_file(out, str(dst / "model_q8.safetensors"), metadata={"format": "pt"})
+    print("wrote", dst, sum(t.numel() * t.element_size() for t in out.values()) / 1e6, "MB")
+
+
+def dequantize_folder(src, dst):
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model_q8.safetensors"))
+    q = load_file(str(src / "model_q8.safetensors"))
+    w = {k: (v.float() * q[k + SCALE] if k + SCALE in q else v) for k, v in q.items() if not k.endswith(SCALE)}
+    save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    print("wrote", dst, hashlib.sha256((dst / "model.safetensors").read_bytes()).hexdigest())
+
+
 if __name__ == "__main__":
     cmd, *a = sys.argv[1:]
     if cmd == "widen":
@@ -76,3 +106,9 @@ if __name__ == "__main__":
         pack(*a)
     elif cmd == "unpack":
         unpack(a[0], a[1], a[2:])
+    elif cmd == "q8":
+        quantize_folder(*a)
+    elif cmd == "dq8":
+        dequantize_folder(*a)
+    else:
+        sys.exit(f"unknown command {cmd!r}: see the docstring")

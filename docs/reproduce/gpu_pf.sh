@@ -41,19 +41,34 @@ fetch() {
     if [ $(( used + mb )) -le ${RETURN_MB:-62} ]; then mv $d $OUTD/ && used=$(( used + mb )); else echo "left for the next call: $d ($mb MB)"; fi
   done
 }
-if [ "${1:-}" = fetch ]; then  # a later call: bring back what the first had to leave
-  fetch; ls -la $OUTD; exit 0
-fi
-exec > >(tee -a $OUTD/gpu.log) 2>&1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ ! -d /tmp/base ]; then  # a RESUME=1 call on the warm machine has all of this
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .xfer/whl/*.whl || exit 1
+STAGE=${STAGE:-/tmp/stage}  # what the calls carried, gathered on the warm machine
+# Install, unpack and widen what has arrived in $STAGE; each step once. The teacher (session 23) is
+# the per-row int8 copy of all-mpnet-base-v2 (gpu_pack.py q8), 98 MB of xz split over two calls:
+# it is rebuilt as /tmp/mpnet once every part that mp.sha256 lists has arrived with its checksum.
+setup() {
+  if [ ! -d /tmp/site/peft ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $STAGE/whl/*.whl || return 1; fi
   mkdir -p /tmp/py && ln -sfn $PWD/training /tmp/py/mtpf_training && ln -sfn $PWD/mtpf_runtime /tmp/py/mtpf_runtime \
     && ln -sfn $PWD/export /tmp/py/mtpf_export
-  mkdir -p /tmp/data && tar -xJf .xfer/data.tar.xz -C /tmp/data
-  xz -dc .xfer/labels.npz.xz > /tmp/labels.npz
-  python3 .xfer/pack.py widen .xfer/base16 /tmp/base || exit 1
-fi
+  [ -d /tmp/data ] || { mkdir -p /tmp/data && tar -xJf $STAGE/data.tar.xz -C /tmp/data; } || return 1
+  [ -f /tmp/labels.npz ] || xz -dc $STAGE/labels.npz.xz > /tmp/labels.npz || return 1
+  [ -d /tmp/base ] || python3 $STAGE/pack.py widen $STAGE/base16 /tmp/base || return 1
+  if [ ! -d /tmp/mpnet ] && [ -f $STAGE/mp.sha256 ]; then
+    if (cd $STAGE && sha256sum -c --quiet mp.sha256 2>/dev/null); then
+      cat $(awk '{print "'$STAGE'/"$2}' $STAGE/mp.sha256) | xz -dc | tar -x -C /tmp \
+        && python3 $STAGE/pack.py dq8 /tmp/mpq8 /tmp/mpnet || return 1
+    else echo "teacher: parts still missing or damaged: $(cd $STAGE && sha256sum -c mp.sha256 2>&1 | grep -v ': OK' | tr '\n' ' ')"; fi
+  fi
+}
+case "${1:-}" in
+  fetch) fetch; ls -la $OUTD; exit 0 ;;  # a later call: bring back what the first had to leave
+  stage)  # a call that only carries files: bash gpu_pf.sh stage .x2  (then setup what is complete)
+    shift; mkdir -p $STAGE; for d in "$@"; do cp -r "$d"/. $STAGE/ || exit 1; done
+    export PYTHONPATH=/tmp/site:/tmp/py${XPP:+:$XPP}; setup; rc=$?; ls -la $STAGE /tmp | head -40; exit $rc ;;
+esac
+if [ ! -d /tmp/base ]; then mkdir -p $STAGE && cp -r .xfer/. $STAGE/; fi  # the one-call way (.xfer carried)
+exec > >(tee -a $OUTD/gpu.log) 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+setup || exit 1
 export PYTHONPATH=/tmp/site:/tmp/py${XPP:+:$XPP} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-3} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MTPF_DATA=/tmp/data
 nproc; free -g | head -2; python3 -c "import torch,transformers,peft,numpy,sklearn;print('torch',torch.__version__,'tf',transformers.__version__,'peft',peft.__version__,'np',numpy.__version__)"
 PF="--base /tmp/base --mode tpl --max-length 64 --ner-batch-size 16 --tc-batch-size 32 --checkpoint-every 0 --device ${DEV:-cuda}
@@ -63,10 +78,10 @@ run() {  # name, extra args: one pre-finetuning run, then its backbone delta pac
   local n=$1; shift
   local s=$(date +%s)
   [ -n "${RESUME:-}" ] || : > /tmp/$n.log
-  python3 -m mtpf_training.pretrain /tmp/ck/$n $PF ${RESUME:+--resume} "$@" >> /tmp/$n.log 2>&1
+  python3 -m mtpf_training.pretrain /tmp/ck/$n $PF --cache-dir /tmp/cache/$n ${RESUME:+--resume} "$@" >> /tmp/$n.log 2>&1
   local rc=$?
   echo "$n rc=$rc $(( $(date +%s) - s )) s"; grep -E "step|Error|error" /tmp/$n.log | tail -4
-  if [ $rc = 0 ]; then python3 .xfer/pack.py pack /tmp/base /tmp/ck/$n /tmp/packs/$n; else tail -30 /tmp/$n.log > $OUTD/$n.err; fi
+  if [ $rc = 0 ]; then python3 $STAGE/pack.py pack /tmp/base /tmp/ck/$n /tmp/packs/$n; else tail -30 /tmp/$n.log > $OUTD/$n.err; fi
 }
 CPU_MIX=mrpc=2753,paws=3539,stsb=1406,snli=367,mnli=719,wordnet_gloss=12000,dropout:nlp_corpus=12000,neighbours:brown=12000
 [ -n "${RESUME:-}" ] || rm -rf /tmp/ck /tmp/packs/*
@@ -83,6 +98,8 @@ for n in $RUNS; do
     g10m) run g10m --steps ${STEPS:-3600} --pair-mix $CPU_MIX & ;;
     tc10) run tc10 --steps ${STEPS:-3600} --mode tc & ;;
     ner10) run ner10 --steps ${STEPS:-3600} --mode ner & ;;
+    g10d4) run g10d4 --steps ${STEPS:-3600} --tc-teacher hf:/tmp/mpnet --tc-distill-weight ${DW:-4} & ;;
+    tc10d4) run tc10d4 --steps ${STEPS:-3600} --mode tc --tc-teacher hf:/tmp/mpnet --tc-distill-weight ${DW:-4} & ;;
     g10l) run g10l --steps ${STEPS:-3600} --label-pair-sources held-out --pair-mix uniform & ;;
     *) echo "unknown run $n"; continue ;;
   esac
