@@ -62,17 +62,18 @@ setup() {
   [ -f /tmp/labels.npz ] || xz -dc $STAGE/labels.npz.xz > /tmp/labels.npz || return 1
   [ -d /tmp/base ] || python3 $STAGE/pack.py widen $STAGE/base16 /tmp/base || return 1
   if [ ! -d /tmp/mpnet ] && [ -f $STAGE/mp.sha256 ]; then
-    if (cd $STAGE && sha256sum -c --quiet mp.sha256 2>/dev/null); then
+    local bad; bad=$(cd $STAGE && sha256sum -c mp.sha256 2>&1 | grep -v ': OK$')
+    if [ -z "$bad" ]; then
       cat $(awk '{print "'$STAGE'/"$2}' $STAGE/mp.sha256) | xz -dc | tar -x -C /tmp \
         && python3 $STAGE/pack.py dq8 /tmp/mpq8 /tmp/mpnet || return 1
-    else echo "teacher: parts still missing or damaged: $(cd $STAGE && sha256sum -c mp.sha256 2>&1 | grep -v ': OK' | tr '\n' ' ')"; fi
+    else echo "teacher: parts still missing or damaged: $(echo $bad)"; fi
   fi
 }
 case "${1:-}" in
   fetch) fetch; ls -la $OUTD; exit 0 ;;  # a later call: bring back what the first had to leave
   stage)  # a call that only carries files: bash gpu_pf.sh stage .x2  (then setup what is complete)
     shift; mkdir -p $STAGE; for d in "$@"; do cp -r "$d"/. $STAGE/ || exit 1; done
-    export PYTHONPATH=/tmp/site:/tmp/py${XPP:+:$XPP}; setup; rc=$?; ls -la $STAGE /tmp | head -40; exit $rc ;;
+    setup; rc=$?; ls -la $STAGE /tmp | head -40; exit $rc ;;
 esac
 if [ ! -d /tmp/base ]; then mkdir -p $STAGE && cp -r .xfer/. $STAGE/; fi  # the one-call way (.xfer carried)
 exec > >(tee -a $OUTD/gpu.log) 2>&1

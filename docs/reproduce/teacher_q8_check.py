@@ -12,28 +12,19 @@ import sys
 import torch
 
 from mtpf_training.checkpoint import resolve_base_model
+from mtpf_training.losses import similarity_distill
 from mtpf_training.teachers import SentenceTeacher
 
 
 def in_batch_kl(a, b, batch=64, temperature=0.05):
-    """Mean over texts of KL(p_a || p_b), p = softmax over the other texts of the batch."""
-    kls = []
-    for i in range(0, len(a) - batch + 1, batch):
-        x, y = a[i:i + batch], b[i:i + batch]
-        eye = torch.eye(batch, dtype=torch.bool)
-        la = (x @ x.T / temperature).masked_fill(eye, -1e9).log_softmax(-1)
-        lb = (y @ y.T / temperature).masked_fill(eye, -1e9).log_softmax(-1)
-        kls.append((la.exp() * (la - lb)).sum(-1))
-    return float(torch.cat(kls).mean())
+    """Mean over texts of KL(p_a || p_b): the TC distillation loss with ``a`` as the teacher."""
+    return float(torch.stack([similarity_distill(b[i:i + batch], a[i:i + batch], temperature)
+                              for i in range(0, len(a) - batch + 1, batch)]).mean())
 
 
 def main(teacher_dir, rounded_dir, stsb, n=512):
-    texts = []
-    for line in open(stsb, encoding="utf-8"):
-        for t in line.rstrip("\n").split("\t")[5:7]:
-            if t not in texts:
-                texts.append(t)
-    texts = texts[:int(n)]
+    with open(stsb, encoding="utf-8") as f:
+        texts = list(dict.fromkeys(t for line in f for t in line.rstrip("\n").split("\t")[5:7]))[:int(n)]
     emb = {name: SentenceTeacher(path, max_length=64).embed(texts)
            for name, path in (("fp32", teacher_dir), ("int8", rounded_dir), ("minilm", resolve_base_model("minilm")))}
     cos = (emb["fp32"] * emb["int8"]).sum(-1)
